@@ -1,0 +1,190 @@
+"""``"packtune_varlen"``: varlen attention for every transformers model, through ``AttentionInterface``.
+
+``import packtune`` registers an attention function and a mask function under the name
+``"packtune_varlen"``. A model loaded with ``attn_implementation="packtune_varlen"`` then runs
+every attention layer through ``varlen_attn_func`` with the document boundaries of the batch.
+
+Where the boundaries come from, first match wins:
+
+1. ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (and ``max_length_q/k``) passed to the model's forward,
+   exactly as transformers' ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+   produces them. Offsets count tokens of the flattened ``(batch * seq)`` rows. Required for
+   models that do not hand ``position_ids`` to their attention (GPT-BigCode).
+2. ``position_ids``: a new document starts wherever a position is not the previous one plus
+   one (``[0 1 2 0 1]`` is two documents), and at the start of every row.
+3. Neither: every row is one document.
+
+Unlike transformers' own packed-row detection, this does not switch off when a KV cache
+exists (``use_cache=True`` in training) or when an all-ones 2-D ``attention_mask`` is passed.
+Only a 2-D mask that really pads something (batched generation) produces a dense 4-D mask; the
+attention then combines it with the document boundaries of ``position_ids``, so even a padded
+batch of packed rows cannot leak.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from packtune.attention.varlen import varlen_attn_func
+
+ATTN_IMPLEMENTATION = "packtune_varlen"
+BACKEND_ATTR = "packtune_attn_backend"
+
+
+def cu_seqlens_from_position_ids(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """Document starts of ``rows`` flattened rows, from positions that restart.
+
+    >>> cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0]]), rows=1).tolist()
+    [0, 3, 5, 6]
+    """
+    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+    length = pos.shape[1]
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    idx = starts.reshape(-1).nonzero().view(-1)
+    total = torch.tensor([rows * length], device=idx.device, dtype=idx.dtype)
+    return torch.cat([idx, total]).to(torch.int32)
+
+
+def _document_ids(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(rows, length)`` index of the document each token belongs to (for dense masks)."""
+    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts.long().cumsum(-1)
+
+
+def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
+    # transformers' sliding_window counts the query itself: it sees sliding_window - 1 keys back.
+    if not sliding_window:
+        return (-1, -1)
+    return (sliding_window - 1, 0 if causal else sliding_window - 1)
+
+
+def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
+    """Attention with a dense 4-D mask (padded batches, decoding); never on the training path."""
+    rows, heads, tq, _ = query.shape
+    if mask.dtype != torch.bool:
+        mask = mask == 0
+    if position_ids is not None and tq == key.shape[2]:
+        docs = _document_ids(position_ids, rows)
+        mask = mask & (docs.unsqueeze(-1) == docs.unsqueeze(-2)).unsqueeze(1)
+    seen = mask.any(-1, keepdim=True)
+    mask = mask | ~seen
+    if softcap:
+        groups = heads // key.shape[1]
+        k = key.repeat_interleave(groups, 1).float()
+        v = value.repeat_interleave(groups, 1).float()
+        s = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
+        s = softcap * torch.tanh(s / softcap)
+        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+        p = F.dropout(p, dropout) if dropout else p
+        out = torch.matmul(p, v).to(query.dtype)
+    else:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
+        )
+    out = out * seen.to(out.dtype)
+    return out.transpose(1, 2).contiguous()
+
+
+def packtune_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    is_causal: bool | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``(rows, heads, len, dim)`` in, ``(rows, len, heads, dim)`` out."""
+    if s_aux is not None:
+        raise NotImplementedError("packtune_varlen does not support attention sinks (s_aux); use another attn_implementation")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("packtune_varlen cannot return attention weights; use attn_implementation='eager'")
+    causal = module.is_causal if is_causal is None else is_causal
+    rows, heads, tq, dim = query.shape
+    tk = key.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None:
+        if attention_mask.dim() != 4:
+            raise ValueError(f"packtune_varlen expects a 4-D mask or None, got shape {tuple(attention_mask.shape)}")
+        return _dense(query, key, value, attention_mask, scaling, softcap, dropout, position_ids), None
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        if tq != tk and int(cu_k[-1]) != rows * tk:
+            raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
+    elif tq == tk and position_ids is not None and position_ids.shape[-1] == tq:
+        cu_q = cu_k = cu_seqlens_from_position_ids(position_ids, rows)
+        max_q = max_k = None
+    else:
+        if tq != tk and position_ids is not None and position_ids.shape[-1] == tq and tq > 1:
+            if bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any()):
+                raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
+        cu_q = torch.arange(0, rows * tq + 1, tq, dtype=torch.int32, device=query.device)
+        cu_k = torch.arange(0, rows * tk + 1, tk, dtype=torch.int32, device=query.device)
+        max_q, max_k = tq, tk
+    if max_q is None or max_k is None:
+        lengths_q = cu_q.diff()
+        max_q = int(lengths_q.max()) if lengths_q.numel() else 0
+        max_k = max_q if cu_k is cu_q else int(cu_k.diff().max())
+    out = varlen_attn_func(
+        query.transpose(1, 2).reshape(rows * tq, heads, dim),
+        key.transpose(1, 2).reshape(rows * tk, key.shape[1], dim),
+        value.transpose(1, 2).reshape(rows * tk, value.shape[1], value.shape[-1]),
+        cu_q,
+        cu_k,
+        int(max_q),
+        int(max_k),
+        dropout_p=dropout,
+        softmax_scale=scaling,
+        causal=causal,
+        window_size=_window(sliding_window, causal),
+        softcap=float(softcap or 0.0),
+        backend=getattr(module.config, BACKEND_ATTR, "auto"),
+    )
+    return out.view(rows, tq, heads, value.shape[-1]), None
+
+
+def packtune_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask function: ``None`` (varlen path) unless something must really be masked.
+
+    A dense boolean mask is built only for a 2-D mask that pads something, or when a KV cache
+    holds earlier tokens (decoding), where the keys are not those of the queries' documents.
+    """
+    no_cache = kv_length == q_length and not (isinstance(q_offset, int) and q_offset > 0)
+    if no_cache and (attention_mask is None or (attention_mask.shape[-1] == kv_length and bool(attention_mask.all()))):
+        return None
+    return sdpa_mask(
+        batch_size=batch_size,
+        q_length=q_length,
+        kv_length=kv_length,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        attention_mask=attention_mask,
+        **{**kwargs, "allow_is_causal_skip": False},
+    )
+
+
+def register() -> None:
+    """Register ``"packtune_varlen"`` with transformers (idempotent; ``import packtune`` does it)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, packtune_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, packtune_mask)

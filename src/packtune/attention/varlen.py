@@ -1,0 +1,205 @@
+"""``varlen_attn_func``: variable-length attention with flash-attn's interface on any device.
+
+A *varlen* batch is a set of documents laid end to end: ``q`` holds every query token of
+every document, ``(total_q, heads, head_dim)``, and ``cu_seqlens_q`` says where each
+document starts. Document ``i`` owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` and key
+rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``; no token ever attends outside its document.
+
+Example, two documents of 3 and 2 tokens attending causally::
+
+    >>> import torch
+    >>> q = k = v = torch.randn(5, 4, 16)            # 5 tokens, 4 heads, head_dim 16
+    >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    >>> out = varlen_attn_func(q, k, v, cu, cu, 3, 3, causal=True)
+    >>> out.shape
+    torch.Size([5, 4, 16])
+
+Semantics follow ``flash_attn.flash_attn_varlen_func`` exactly:
+
+* ``causal``: aligned to the bottom-right corner of each document's score matrix, so query
+  ``i`` of a document with ``Lq`` queries and ``Lk`` keys sees keys ``j <= i + Lk - Lq``.
+* ``window_size=(left, right)``: query ``i`` sees keys with
+  ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``; ``-1`` means unbounded on that side.
+* ``softcap > 0``: scores become ``softcap * tanh(scores / softcap)`` (after scaling).
+* ``alibi_slopes`` ``(heads,)`` or ``(batch, heads)``: ``-slope * |i + Lk - Lq - j|`` is added.
+* A query row that may see no key at all gets an output of zeros.
+* GQA/MQA: ``heads`` must be a multiple of ``kv_heads``. ``v`` may have its own head_dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from packtune.attention import backends as _backends
+
+BACKENDS = ("auto", "flash_attn", "torch", "sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class AttnRequest:
+    """Everything a backend needs to decide whether it can run a call (see ``backends.unsupported``)."""
+
+    device_type: str
+    dtype: torch.dtype
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    dropout_p: float
+    alibi: bool
+    return_lse: bool
+    head_dim: int
+    v_head_dim: int
+    gqa: bool
+    needs_grad: bool
+
+
+def _as_window(window_size: tuple[int, int] | list[int] | None) -> tuple[int, int]:
+    if window_size is None:
+        return (-1, -1)
+    left, right = (int(x) for x in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    return (left, right)
+
+
+def _check_cu(name: str, cu: torch.Tensor, total: int) -> list[int]:
+    """Validate one cumulative-length tensor and return it as a host list."""
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D integer tensor, got {type(cu).__name__} {getattr(cu, 'shape', '')}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must have dtype int32 (or int64), got {cu.dtype}")
+    if cu.numel() < 2:
+        raise ValueError(f"{name} needs at least 2 entries (0 and the total), got {cu.numel()}")
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {values[0]}")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be non-decreasing, but {name}[{i}]={values[i]} < {name}[{i - 1}]={values[i - 1]}")
+    if values[-1] != total:
+        raise ValueError(f"{name} must end at the number of tokens ({total}), but it ends at {values[-1]}")
+    return values
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D tensor (total_tokens, heads, head_dim), got shape {tuple(getattr(t, 'shape', ()))}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must agree on (total_k, kv_heads): k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}) for GQA/MQA")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of documents: {len(cu_q) - 1} vs {len(cu_k) - 1}")
+    longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    if int(max_seqlen_q) < longest_q:
+        raise ValueError(f"max_seqlen_q={int(max_seqlen_q)} is smaller than the longest query document ({longest_q})")
+    if int(max_seqlen_k) < longest_k:
+        raise ValueError(f"max_seqlen_k={int(max_seqlen_k)} is smaller than the longest key document ({longest_k})")
+    if alibi_slopes is not None:
+        n_docs, heads = len(cu_q) - 1, q.shape[1]
+        if tuple(alibi_slopes.shape) not in ((heads,), (n_docs, heads)):
+            raise ValueError(f"alibi_slopes must have shape ({heads},) or ({n_docs}, {heads}), got {tuple(alibi_slopes.shape)}")
+    return tuple(cu_q), tuple(cu_k)
+
+
+def varlen_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
+    """Attention over documents packed end to end, with ``flash_attn_varlen_func``'s signature.
+
+    Args:
+        q: ``(total_q, heads, head_dim)`` queries of every document, one after another.
+        k: ``(total_k, kv_heads, head_dim)`` keys; ``heads % kv_heads == 0`` (GQA, MQA).
+        v: ``(total_k, kv_heads, v_head_dim)`` values; ``v_head_dim`` may differ (MLA).
+        cu_seqlens_q / cu_seqlens_k: int32 ``(docs + 1,)`` start offsets, from 0 to the total.
+        max_seqlen_q / max_seqlen_k: at least the longest document (as in flash-attn).
+        dropout_p: dropout on attention probabilities (set 0.0 for evaluation).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        causal: bottom-right aligned causal mask per document.
+        window_size: ``(left, right)`` sliding window, ``-1`` = unbounded.
+        softcap: logit soft-capping, ``0`` = off.
+        alibi_slopes: optional ALiBi slopes, ``(heads,)`` or ``(docs, heads)``, fp32.
+        deterministic: accepted for compatibility; the CPU paths are always deterministic.
+        return_attn_probs: also return the log-sum-exp ``(heads, total_q)`` (flash-attn's second
+            output); the third output (the dropout pattern) is always ``None``.
+        backend: ``"auto"`` (best available for the request), ``"flash_attn"``, ``"torch"``,
+            ``"sdpa"`` or ``"eager"``. A backend that cannot run the request raises
+            ``NotImplementedError`` saying why; nothing is ever approximated.
+
+    Returns:
+        ``(total_q, heads, v_head_dim)`` in the dtype of ``q``, or ``(out, lse, None)`` when
+        ``return_attn_probs`` is set.
+
+    Raises:
+        ValueError: malformed inputs (shapes, dtypes, cu_seqlens not starting at 0,
+            decreasing, or not ending at the token total, max_seqlen too small).
+        NotImplementedError: no (or not the named) backend supports the request.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
+    window = _as_window(window_size)
+    cu_q, cu_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    request = AttnRequest(
+        device_type=q.device.type,
+        dtype=q.dtype,
+        causal=bool(causal),
+        window=window,
+        softcap=float(softcap),
+        dropout_p=float(dropout_p),
+        alibi=alibi_slopes is not None,
+        return_lse=bool(return_attn_probs),
+        head_dim=q.shape[-1],
+        v_head_dim=v.shape[-1],
+        gqa=q.shape[1] != k.shape[1],
+        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+    )
+    name = _backends.choose(request, backend)
+    return _backends.run(
+        name,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        cu_q,
+        cu_k,
+        max(int(max_seqlen_q), 1),
+        max(int(max_seqlen_k), 1),
+        scale,
+        request,
+        alibi_slopes,
+        deterministic,
+    )

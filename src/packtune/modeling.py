@@ -1,0 +1,91 @@
+"""Make a transformers model safe for packed rows, and prove it before training starts.
+
+``enable_varlen`` switches a model to the ``"packtune_varlen"`` attention and turns the KV
+cache off for training. ``check_no_leak`` then runs one tiny packed row through the model
+and compares the second document's logits with those of the same document run alone: any
+attention (or other layer) that lets tokens of one sample see another shows up as a
+difference, and training is refused (``LeakError``) rather than silently wrong. The check
+costs one forward pass over 12 tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from packtune.attention.hf import ATTN_IMPLEMENTATION, BACKEND_ATTR
+from packtune.attention.varlen import BACKENDS
+
+
+class LeakError(RuntimeError):
+    """Tokens of one packed sample influence another: the model does not honour boundaries."""
+
+
+def _text_config(model: torch.nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
+    """Route every attention layer of ``model`` through ``varlen_attn_func``; cache off.
+
+    Raises ``ValueError`` when the model cannot switch attention implementation (remote
+    code that does not use transformers' ``AttentionInterface``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        try:
+            model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        except (ValueError, AttributeError, KeyError) as exc:
+            raise ValueError(
+                f"{type(model).__name__} cannot use packtune's varlen attention ({exc}); "
+                "set use_varlen_attn = False and pack_to_max_length = False"
+            ) from exc
+    for cfg in {id(c): c for c in (model.config, _text_config(model))}.values():
+        setattr(cfg, BACKEND_ATTR, backend)
+        cfg.use_cache = False
+    return model
+
+
+@torch.no_grad()
+def check_no_leak(model: torch.nn.Module, lengths: tuple[int, int] = (8, 4), seed: int = 0) -> float:
+    """Relative logit difference of a packed document against itself alone; raises on a leak.
+
+    The packed row is given in packtune's batch format (``position_ids`` and
+    ``cu_seq_lens_q/k``), the one the training loop uses.
+    """
+    cfg = _text_config(model)
+    first, second = lengths
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    vocab = int(getattr(cfg, "vocab_size", 32000))
+    ids = torch.randint(0, vocab, (1, first + second), generator=gen).to(device)
+    pos = torch.cat([torch.arange(first), torch.arange(second)]).unsqueeze(0).to(device)
+    cu = torch.tensor([0, first, first + second], dtype=torch.int32, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        packed = model(
+            input_ids=ids,
+            position_ids=pos,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=max(lengths),
+            max_length_k=max(lengths),
+            use_cache=False,
+        ).logits[0, first:].float()
+        alone = model(input_ids=ids[:, first:], position_ids=pos[:, first:], use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().clamp(min=1e-6)
+    error = float((packed - alone).abs().max() / scale)
+    dtype = next(model.parameters()).dtype
+    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    if not error <= tolerance:
+        raise LeakError(
+            f"{type(model).__name__}: a packed sample's logits differ from the same sample alone by "
+            f"{error:.3g} (relative, tolerance {tolerance:g}); its attention does not honour packing "
+            f"boundaries (attn_implementation={getattr(model.config, '_attn_implementation', None)!r}). "
+            "Refusing to train on packed rows: set use_varlen_attn = False and pack_to_max_length = False"
+        )
+    return error

@@ -10,6 +10,7 @@ system, tool results, padding).
 from ``layout_packs``, which applies the overflow policy and the strategy:
 
 * ``"bfd"`` / ``"sequential"``: every sample is one document; ``pack_plan`` groups them.
+* ``"none"``: no packing, one sample per pack (for models that cannot take varlen rows).
 * ``"concat"`` (XTuner's ``pack_to_max_length`` for raw text): the token stream of all samples
   is cut into rows of exactly ``max_length`` tokens (the last row may be shorter, so nothing is
   lost). A sample cut by a row boundary becomes two documents, one in each row.
@@ -50,7 +51,7 @@ import numpy as np
 from packtune.packing.plan import plan_array
 
 IGNORE_INDEX = -100
-MODES = ("bfd", "sequential", "concat")
+MODES = ("bfd", "sequential", "concat", "none")
 OVERFLOW = ("truncate", "drop", "error")
 
 
@@ -166,7 +167,7 @@ def layout_packs(
     Args:
         samples: the tokenized samples.
         max_length: tokens per pack.
-        strategy: ``"bfd"``, ``"sequential"`` or ``"concat"`` (see the module docstring).
+        strategy: ``"bfd"``, ``"sequential"``, ``"concat"`` or ``"none"`` (module docstring).
         overflow: a sample longer than ``max_length`` is cut to its first ``max_length`` tokens
             (``"truncate"``), left out (``"drop"``) or an error (``"error"``). Not used by
             ``"concat"``, which splits instead.
@@ -213,7 +214,10 @@ def layout_packs(
             ends = np.where(over, starts + max_length, ends)
     drop(~_trainable(samples.labels, starts, ends), "no_trainable_token")
     starts, ends = starts[keep], ends[keep]
-    plan, offsets = plan_array(ends - starts, max_length, strategy)
+    if strategy == "none":
+        plan, offsets = np.arange(starts.size), np.arange(starts.size + 1)
+    else:
+        plan, offsets = plan_array(ends - starts, max_length, strategy)
     layout = PackLayout(starts[plan], ends[plan], offsets, max_length)
     return layout, _fill_report(report, layout, samples)
 

@@ -1,0 +1,204 @@
+"""Config files: find them in the catalog, run them, apply ``--cfg-options``, write them back.
+
+A config file is Python whose module-level assignments are the settings. Loading runs it in a
+fresh namespace and keeps every name that does not start with ``_`` and is not a module,
+function or class, so a config may import helpers and keep private variables (``_base``).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import runpy
+import traceback
+from pathlib import Path
+from typing import Any
+
+from packtune.config import settings as S
+from packtune.config.settings import ConfigError, Problem, Settings
+from packtune.config.validate import FIELD_NAMES, check_settings
+
+#: Where the built-in configs live (shipped as package data).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_configs(pattern: str | None = None) -> list[str]:
+    """Names of the built-in configs containing ``pattern`` (case-insensitive), sorted."""
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    if pattern:
+        names = [n for n in names if pattern.lower() in n.lower()]
+    return names
+
+
+def closest_configs(name: str, n: int = 3) -> list[str]:
+    """Built-in config names nearest to ``name``: those containing all its parts, then difflib."""
+    names = list_configs()
+    parts = [p for p in name.lower().replace("-", "_").split("_") if p]
+    containing = [c for c in names if parts and all(p in c.split("_") or p in c for p in parts)]
+    fuzzy = difflib.get_close_matches(name.lower(), names, n=n, cutoff=0.5)
+    out = []
+    for c in [*containing, *fuzzy]:
+        if c not in out:
+            out.append(c)
+    return out[:n]
+
+
+def find_config(name: str) -> Path:
+    """The file of built-in config ``name`` (a trailing ``.py`` is allowed).
+
+    Raises ``ConfigError`` naming the closest built-in configs.
+    """
+    stem = name[:-3] if name.endswith(".py") else name
+    path = CONFIG_DIR / f"{stem}.py"
+    if stem and "/" not in stem and not stem.startswith("_") and path.is_file():
+        return path
+    near = closest_configs(stem)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise ConfigError([Problem("config", f"no built-in config named {name!r}",
+                               f"{hint}run `packtune list-cfg` to see them all")])
+
+
+def _is_setting(name: str, value: Any) -> bool:
+    # Modules, functions and classes are tools the file used, not settings.
+    return not name.startswith("_") and not (
+        inspect.ismodule(value) or inspect.isroutine(value) or inspect.isclass(value))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Run config file ``path`` and return its settings (unvalidated), in file order.
+
+    Raises ``ConfigError`` when the file is missing or raises while running.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem("config", f"config file {str(path)!r} does not exist",
+                                   "check the path, or pass a built-in config name (packtune list-cfg)")])
+    try:
+        namespace = runpy.run_path(str(path), run_name="__packtune_config__")
+    except SyntaxError as exc:
+        raise ConfigError([Problem("config", f"{path}:{exc.lineno}: SyntaxError: {exc.msg}",
+                                   "fix the Python syntax on that line")]) from exc
+    except Exception as exc:
+        line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__))
+                     if Path(f.filename).resolve() == path.resolve()), None)
+        where = f"{path}:{line}" if line else str(path)
+        raise ConfigError([Problem("config", f"{where}: running the config raised {type(exc).__name__}: {exc}",
+                                   "fix that line; a config is plain assignments of settings")]) from exc
+    return {k: v for k, v in namespace.items() if _is_setting(k, v)}
+
+
+def parse_value(text: str) -> Any:
+    """A ``--cfg-options`` value: a Python literal when it parses as one, else the raw string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[Problem]:
+    """Apply ``KEY=VALUE`` strings to ``raw`` in place; return the problems with the options.
+
+    ``lora.r=16`` sets a key inside a dict setting (any depth). Unknown top-level keys are left
+    for validation, which reports them with a did-you-mean.
+    """
+    problems = []
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            problems.append(Problem("cfg-options", f"option {item!r} is not KEY=VALUE",
+                                    "write it as KEY=VALUE, e.g. `--cfg-options lr=1e-4 lora.r=16`"))
+            continue
+        path = key.split(".")
+        if any(not p for p in path):
+            problems.append(Problem("cfg-options", f"option key {key!r} has an empty part",
+                                    "write dotted keys as `lora.r=16`"))
+            continue
+        target: Any = raw
+        for depth, part in enumerate(path[:-1]):
+            # A setting the file leaves out has its default (None for lora and model_config).
+            current = target.get(part, defaults.get(part) if depth == 0 else None)
+            if current is None and depth == 0 and part == "lora":
+                problems.append(Problem(key, f"`{key}` needs LoRA, but this config has `lora = None` (full fine-tuning)",
+                                        f"turn LoRA on with `--cfg-options \"lora={{'{path[-1]}': {text}}}\"`, or drop the option"))
+                break
+            # Unknown names get a dict too, so validation reports them with a did-you-mean.
+            if current is None and (depth > 0 or part == "model_config" or part not in FIELD_NAMES):
+                current = {}
+            if not isinstance(current, dict):
+                dotted = ".".join(path[: depth + 1])
+                problems.append(Problem(key, f"`{dotted}` is {current!r}, not a dict, so `{key}` cannot be set",
+                                        f"set `{dotted}` as a whole, e.g. `--cfg-options {dotted}=...`"))
+                break
+            # Copy so the file's own objects (shared between names) are never mutated.
+            current = target[part] = dict(current)
+            target = current
+        else:
+            target[path[-1]] = parse_value(text)
+    return problems
+
+
+def load_settings(name_or_path: str, overrides: list[str] | None = None) -> Settings:
+    """Load, override and validate a config: a built-in name or a path to a ``.py`` file.
+
+    Raises ``ConfigError`` with every problem (file, options and settings) at once. Nothing is
+    loaded besides the config file itself: no model, tokenizer or data.
+    """
+    text = str(name_or_path)
+    candidate = Path(text).expanduser()
+    if candidate.is_file():
+        path, source = candidate, str(candidate)
+    elif text.endswith(".py") or "/" in text or os.sep in text:
+        path, source = candidate, text  # a path that does not exist: reported by read_config_file
+    else:
+        path, source = find_config(text), text
+    # File problems (missing, syntax) name the file themselves: one line, no header.
+    raw = read_config_file(path)
+    problems = apply_overrides(raw, list(overrides or []))
+    values, more = check_settings(raw)
+    problems += more
+    if problems:
+        raise ConfigError(problems, source)
+    return Settings(**values)
+
+
+def settings_to_dict(settings: Settings) -> dict[str, Any]:
+    """Every setting as plain, JSON-serialisable Python values (tuples become lists).
+
+    ``Settings(**settings_to_dict(s)) == s``.
+    """
+    out = dataclasses.asdict(settings)
+    out["betas"] = list(out["betas"])
+    return out
+
+
+def format_value(value: Any) -> str:
+    """A setting as Python source: dicts as ``dict(k=v)``, long lists one item a line."""
+    if isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value):
+        return "dict(" + ", ".join(f"{k}={format_value(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, list) and len(repr(value)) > 80:
+        return "[\n" + "".join(f"    {format_value(v)},\n" for v in value) + "]"
+    return repr(value)
+
+
+def settings_to_source(settings: Settings, title: str = "") -> str:
+    """A complete config file for ``settings``, in the five-part layout; loads back equal.
+
+    Used to record the exact settings of a run next to its checkpoints.
+    """
+    lines = [f'"""{title}"""' if title else '"""Settings of a packtune run (every setting, defaults included)."""', ""]
+    by_part: dict[int, list[dataclasses.Field]] = {}
+    for f in dataclasses.fields(Settings):
+        by_part.setdefault(f.metadata["part"], []).append(f)
+    for number, part in enumerate(S.PARTS, start=1):
+        bar = "#" * 72
+        lines += [bar, f"#{f'PART {number}  {part}':^70}#", bar]
+        for f in by_part.get(number, []):
+            lines.append(f"# {f.metadata['doc']}")
+            lines.append(f"{f.name} = {format_value(getattr(settings, f.name))}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,14 +1,91 @@
 """packtune: fine-tune causal language models on packed rows with exact varlen attention.
 
-``import packtune`` registers the ``"packtune_varlen"`` attention implementation with
-transformers, so ``AutoModelForCausalLM.from_pretrained(..., attn_implementation="packtune_varlen")``
-works for every model family that routes attention through ``AttentionInterface``.
+After ``import packtune``, ``attn_implementation="packtune_varlen"`` is a valid attention
+implementation for every transformers model that routes attention through
+``AttentionInterface``::
+
+    import packtune
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="packtune_varlen")
+
+Importing packtune stays cheap (the command line starts in a blink): if transformers is
+already imported, the registration happens now; otherwise it happens the moment
+``transformers.modeling_utils`` finishes importing, before any model can be built.
 """
 
-from packtune.attention import ATTN_IMPLEMENTATION, register, varlen_attn_func
+from __future__ import annotations
 
-register()
+import importlib.abc
+import sys
 
 __version__ = "0.1.0"
 
-__all__ = ["ATTN_IMPLEMENTATION", "varlen_attn_func", "__version__"]
+ATTN_IMPLEMENTATION = "packtune_varlen"
+
+_LAZY = {
+    "varlen_attn_func": "packtune.attention.varlen",
+    "pack_plan": "packtune.packing.plan",
+    "build_packs": "packtune.packing.packs",
+    "collate_varlen": "packtune.packing.collate",
+    "enable_varlen": "packtune.modeling",
+    "check_no_leak": "packtune.modeling",
+}
+
+__all__ = ["ATTN_IMPLEMENTATION", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'packtune' has no attribute {name!r}")
+
+
+def _register() -> None:
+    hf = sys.modules.get("packtune.attention.hf")
+    if hf is not None and not hasattr(hf, "register"):
+        return  # packtune.attention.hf is importing transformers right now; it registers itself
+    from packtune.attention.hf import register
+
+    register()
+
+
+_TRIGGER = "transformers.modeling_utils"
+
+
+class _RegistrationLoader(importlib.abc.Loader):
+    """Runs the real loader, then registers packtune's attention with the fresh module."""
+
+    def __init__(self, inner: importlib.abc.Loader) -> None:
+        self._inner = inner
+
+    def create_module(self, spec):
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._inner.exec_module(module)
+        _register()
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Meta-path finder that wraps the loader of ``transformers.modeling_utils`` once."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRIGGER:
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            spec = finder.find_spec(fullname, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                spec.loader = _RegistrationLoader(spec.loader)
+                return spec
+        return None
+
+
+if _TRIGGER in sys.modules:
+    _register()
+elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOnImport())

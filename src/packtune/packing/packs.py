@@ -209,10 +209,11 @@ def layout_packs(
         if overflow == "drop":
             drop(over, "too_long")
         else:
-            report.truncated = int((over & keep).sum())
-            report.truncated_tokens = int((lengths[over & keep] - max_length).sum())
             ends = np.where(over, starts + max_length, ends)
     drop(~_trainable(samples.labels, starts, ends), "no_trainable_token")
+    # Counted among the kept samples: one cut and then dropped counts as dropped only.
+    report.truncated = int((over & keep).sum())
+    report.truncated_tokens = int((lengths[over & keep] - max_length).sum())
     starts, ends = starts[keep], ends[keep]
     if strategy == "none":
         plan, offsets = np.arange(starts.size), np.arange(starts.size + 1)

@@ -1,0 +1,67 @@
+"""``packtune convert pth_to_hf | merge``: checkpoints to Hugging Face folders."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from packtune.cli.errors import CliError
+from packtune.config import load_settings
+
+HELP = "Convert a training checkpoint to a Hugging Face folder (pth_to_hf), or merge a LoRA adapter (merge)."
+EXAMPLES = """\
+packtune convert pth_to_hf tiny_mistral_full_demo work_dirs/demo/iter_200.pth hf_out
+packtune convert pth_to_hf ./my_lora_config.py work_dirs/my_lora_config/iter_500.pth adapter_out
+packtune convert pth_to_hf ./my_lora_config.py work_dirs/my_lora_config/iter_500.pth merged_out --merge
+packtune convert merge meta-llama/Llama-2-7b-hf adapter_out merged_out
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(parser))
+    p = sub.add_parser("pth_to_hf", help="a checkpoint of CONFIG to a Hugging Face folder (or PEFT adapter)")
+    p.add_argument("config", metavar="CONFIG", help="the config the checkpoint was trained with (name or path)")
+    p.add_argument("pth", metavar="PTH", help="iter_<step>.pth (a file, or a folder written by FSDP2/DeepSpeed)")
+    p.add_argument("save_path", metavar="SAVE_PATH", help="output folder")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE", help="the overrides used for training")
+    p.add_argument("--fp32", action="store_true", help="save fp32 weights (default: the training dtype)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest weight file (default 2GB)")
+    p.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True,
+                   help="write .safetensors (default) rather than .bin")
+    p.add_argument("--merge", action="store_true", help="LoRA runs: merge the adapter into the base weights")
+    m = sub.add_parser("merge", help="merge a PEFT adapter folder into its base model")
+    m.add_argument("base", metavar="BASE", help="base model folder or hub id")
+    m.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter folder")
+    m.add_argument("save_path", metavar="SAVE_PATH", help="output folder")
+    m.add_argument("--max-shard-size", default="2GB")
+    m.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "pth_to_hf":
+        settings = load_settings(args.config, args.cfg_options)
+        if not os.path.exists(args.pth):
+            raise CliError(f"no checkpoint at {args.pth}")
+        from packtune.convert import pth_to_hf
+
+        try:
+            out = pth_to_hf(
+                settings,
+                args.pth,
+                args.save_path,
+                fp32=args.fp32,
+                max_shard_size=args.max_shard_size,
+                safe_serialization=args.safe_serialization,
+                merge=args.merge,
+            )
+        except ValueError as exc:
+            raise CliError(str(exc)) from exc
+    else:
+        if not os.path.isdir(args.adapter):
+            raise CliError(f"no adapter folder at {args.adapter}")
+        from packtune.convert import merge_adapter
+
+        out = merge_adapter(args.base, args.adapter, args.save_path, max_shard_size=args.max_shard_size,
+                            safe_serialization=args.safe_serialization)
+    print(f"saved {out}")
+    return 0

@@ -1,0 +1,139 @@
+"""Checkpoints to Hugging Face folders: ``pth_to_hf`` and ``merge_adapter``.
+
+The output loads with ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` without packtune: its config names a stock attention
+implementation, the tokenizer carries the chat template used in training, and the generation
+config stops at the end-of-turn token.
+
+A LoRA run gives a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``),
+or with ``merge=True`` a plain model with the adapter merged in. When the base was a
+random-init ``model_config`` there is no published base to point at, so the base weights are
+saved beside the adapter in ``base_model/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+from packtune.attention.hf import BACKEND_ATTR
+from packtune.data import load_tokenizer
+from packtune.recipe.checkpoint import load_trainable_state
+from packtune.recipe.model_setup import DTYPES, apply_lora, load_base_model
+
+
+def read_checkpoint(path: str) -> dict:
+    """The model state dict of any checkpoint form packtune writes (file or engine folder)."""
+    if os.path.isdir(path):
+        from packtune.recipe.sharded import read_sharded_model_state
+
+        return read_sharded_model_state(path)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["model"] if isinstance(state, dict) and "model" in state else state
+
+
+def _output_dtype(settings, fp32: bool) -> torch.dtype:
+    if fp32 or settings.dtype in ("auto", "float32"):
+        # "auto" trains with fp32 master weights; keep them unless a half dtype was asked for.
+        return torch.float32
+    return DTYPES[settings.dtype]
+
+
+def _skeleton(settings) -> torch.nn.Module:
+    """The model to load a full state dict into, without downloading weights twice."""
+    if settings.model_config is not None:
+        return load_base_model(settings, torch.device("cpu"))
+    config = AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code, dtype=torch.float32)
+
+
+def _clean_config(model: torch.nn.Module) -> None:
+    """Make the saved config independent of packtune: stock attention, cache on."""
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if hasattr(cfg, BACKEND_ATTR):
+            delattr(cfg, BACKEND_ATTR)
+        cfg.use_cache = True
+    if getattr(model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        model.set_attn_implementation("sdpa")
+
+
+def _save_tokenizer(settings, save_path: str) -> None:
+    from packtune.data.templates import get_template
+
+    tokenizer = load_tokenizer(settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code)
+    if not getattr(tokenizer, "chat_template", None):
+        template = get_template(settings.prompt_template, tokenizer)
+        jinja = getattr(template, "to_jinja", None)
+        if jinja is not None:
+            tokenizer.chat_template = jinja(settings.system_prompt)
+    tokenizer.save_pretrained(save_path)
+    gen = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    gen.save_pretrained(save_path)
+
+
+def pth_to_hf(
+    settings,
+    pth: str,
+    save_path: str,
+    *,
+    fp32: bool = False,
+    max_shard_size: str = "2GB",
+    safe_serialization: bool = True,
+    merge: bool = False,
+) -> str:
+    """Convert checkpoint ``pth`` of a run of ``settings`` into a Hugging Face folder."""
+    state = read_checkpoint(pth)
+    dtype = _output_dtype(settings, fp32)
+    os.makedirs(save_path, exist_ok=True)
+    if not settings.lora:
+        model = _skeleton(settings)
+        load_trainable_state(model, state)
+        missing = set(model.state_dict()) - set(state)
+        if missing - {k for k in missing if "rotary" in k or k.endswith("inv_freq")}:
+            raise ValueError(f"{pth} is not a full checkpoint: it lacks {sorted(missing)[:5]}")
+        out = model
+    else:
+        base = load_base_model(settings, torch.device("cpu"))
+        model = apply_lora(base, settings.lora)
+        load_trainable_state(model, state)
+        out = model.merge_and_unload() if merge else model
+    out = out.to(dtype)
+    if settings.lora and not merge:
+        base_dir = None
+        if settings.model_config is not None:
+            # No published base to point at: save the (frozen, loaded) base next to the adapter.
+            base_dir = os.path.join(os.path.abspath(save_path), "base_model")
+            base_model = copy.deepcopy(out).unload()
+            _clean_config(base_model)
+            base_model.save_pretrained(base_dir, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+            _save_tokenizer(settings, base_dir)
+        out.peft_config["default"].base_model_name_or_path = base_dir or settings.pretrained_model_name_or_path
+        out.save_pretrained(save_path, safe_serialization=safe_serialization)
+    else:
+        _clean_config(out)
+        out.save_pretrained(save_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    _save_tokenizer(settings, save_path)
+    return save_path
+
+
+def merge_adapter(base: str, adapter: str, save_path: str, *, max_shard_size: str = "2GB", safe_serialization: bool = True) -> str:
+    """Merge PEFT ``adapter`` into ``base`` (both HF folders or ids) and save a plain model."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    _clean_config(merged)
+    merged.save_pretrained(save_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    source = adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base
+    AutoTokenizer.from_pretrained(source).save_pretrained(save_path)
+    if os.path.exists(os.path.join(base, "generation_config.json")):
+        GenerationConfig.from_pretrained(base).save_pretrained(save_path)
+    return save_path

@@ -1,0 +1,155 @@
+"""Checkpoints that survive a kill: atomic writes, ``last_checkpoint``, rotation, RNG states.
+
+Layout of a work dir::
+
+    work_dirs/<config>/
+        iter_100.pth          a file (one process, DDP), or a folder (FSDP2, DeepSpeed)
+        iter_200.pth
+        last_checkpoint       one line: the absolute path of the newest complete checkpoint
+
+A checkpoint is written under a temporary name in the same folder and renamed into place
+only when complete (``os.replace`` is atomic on POSIX); ``last_checkpoint`` is replaced the
+same way afterwards. A kill at any moment leaves the previous checkpoint and pointer intact.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LAST = "last_checkpoint"
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` so that readers only ever see a complete file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def checkpoint_path(work_dir: str, step: int) -> str:
+    return os.path.join(os.path.abspath(work_dir), f"iter_{step}.pth")
+
+
+def mark_last(work_dir: str, path: str) -> None:
+    atomic_write_text(os.path.join(work_dir, LAST), os.path.abspath(path) + "\n")
+
+
+def find_last(work_dir: str) -> str | None:
+    """The newest complete checkpoint of ``work_dir``, or ``None``."""
+    pointer = os.path.join(work_dir, LAST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        path = f.read().strip()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{pointer} points to {path}, which does not exist")
+    return path
+
+
+def _step_of(path: str) -> int:
+    m = re.search(r"iter_(\d+)\.pth$", path)
+    return int(m.group(1)) if m else -1
+
+
+def rotate(work_dir: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` checkpoints (and stale temporaries); returns the deleted."""
+    found = sorted(glob.glob(os.path.join(work_dir, "iter_*.pth")), key=_step_of)
+    doomed = found[:-keep] if keep > 0 else []
+    doomed += glob.glob(os.path.join(work_dir, "iter_*.pth.tmp*"))
+    for path in doomed:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return doomed
+
+
+# --- what goes in ----------------------------------------------------------------------------
+
+
+def needs_full_state(settings) -> bool:
+    """A LoRA run on a downloaded base saves only what trains; a random-init base saves all."""
+    return not settings.lora or settings.model_config is not None
+
+
+def trainable_state(model: torch.nn.Module, full: bool = True) -> dict:
+    """The model's state dict on CPU; only trainable tensors unless ``full``."""
+    if full:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict) -> None:
+    """Load a (possibly partial, trainable-only) state dict; every saved key must be used."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not: {unexpected[:5]}")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lost = sorted(trainable & set(missing))
+    if lost:
+        raise ValueError(f"checkpoint lacks trainable tensors: {lost[:5]}")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(env) -> list[dict]:
+    """Every rank's RNG state, on every rank (rank ``r`` restores entry ``r``)."""
+    mine = rng_state()
+    if env.world_size == 1 or not dist.is_initialized():
+        return [mine]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rng_states(states: list[dict], env) -> None:
+    if len(states) != env.world_size:
+        # A different number of processes cannot replay the same dropout masks; the data
+        # order and weights still resume exactly.
+        set_rng_state(states[0])
+        return
+    set_rng_state(states[env.rank])

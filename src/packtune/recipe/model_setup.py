@@ -1,0 +1,119 @@
+"""Model and precision from validated settings: pretrained or random-init, varlen, LoRA, QLoRA."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from packtune.modeling import check_no_leak, enable_varlen
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SetupError(RuntimeError):
+    """The run cannot start as configured on this machine (one clear line, exit code 2)."""
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: ``auto`` is bf16 on a CUDA device that has it, fp32 elsewhere."""
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return DTYPES[name]
+
+
+def model_source(settings) -> str:
+    """A short description of where the weights come from (for logs and errors)."""
+    if settings.model_config is not None:
+        return f"random-init {settings.model_config.get('model_type')}"
+    return str(settings.pretrained_model_name_or_path)
+
+
+def _quantization(settings, device: torch.device):
+    quant = (settings.lora or {}).get("quantization")
+    if not quant:
+        return None
+    if device.type != "cuda":
+        raise SetupError(f"QLoRA (lora quantization={quant!r}) needs a CUDA device and bitsandbytes; this run is on {device.type}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SetupError("QLoRA needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The base model (no LoRA yet), on CPU unless quantized, with weights in ``dtype``."""
+    if settings.model_config is not None:
+        config = AutoConfig.for_model(**copy.deepcopy(settings.model_config))
+        # Random init is seeded, so a run, its resume and its conversion agree on the weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(settings.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model
+    quant = _quantization(settings, device)
+    kwargs = {"trust_remote_code": settings.trust_remote_code, "dtype": dtype}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
+    try:
+        return AutoModelForCausalLM.from_pretrained(settings.pretrained_model_name_or_path, **kwargs)
+    except OSError as exc:
+        raise SetupError(f"cannot load {settings.pretrained_model_name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=int(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.05)),
+        target_modules=lora.get("target_modules", "all-linear"),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def build_model(settings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The model to train: varlen attention (leak-checked), checkpointing, LoRA, on ``device``.
+
+    Full fine-tuning keeps fp32 master weights (autocast computes in ``dtype``); a LoRA run
+    keeps the frozen base in ``dtype`` and its adapters in fp32.
+    """
+    base_dtype = dtype if settings.lora else torch.float32
+    model = load_base_model(settings, device, base_dtype)
+    if settings.use_varlen_attn:
+        try:
+            enable_varlen(model, settings.attn_backend)
+        except ValueError as exc:
+            raise SetupError(str(exc)) from exc
+    model.config.use_cache = False
+    if not (settings.lora or {}).get("quantization"):
+        model.to(device)
+    if settings.use_varlen_attn:
+        check_no_leak(model)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if settings.lora:
+        if settings.lora.get("quantization"):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+        elif settings.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = apply_lora(model, settings.lora)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model

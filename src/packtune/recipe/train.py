@@ -1,0 +1,217 @@
+"""The training recipe: setup, loop, save, cleanup, in one readable function.
+
+Everything a step needs is explicit: the packs of the step come from ``StepPlan``, their
+document boundaries travel in the ``Batch`` to the model, the loss is normalised by the
+global batch (``accumulate_gradients``), and the engine (one process, DDP, FSDP2, DeepSpeed)
+only decides how gradients are synchronised and weights updated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from packtune import __version__
+from packtune.config import settings_to_dict
+from packtune.data import DataOptions, build_dataset, load_tokenizer
+from packtune.distributed import DistEnv, cleanup, init_distributed
+from packtune.packing.collate import collate_padded, collate_varlen
+from packtune.recipe import checkpoint as ckpt
+from packtune.recipe.batches import StepPlan, empty_pack
+from packtune.recipe.engine import engine_kind, make_engine
+from packtune.recipe.evaluate import evaluate
+from packtune.recipe.metrics import MetricsLogger
+from packtune.recipe.model_setup import build_model, compute_dtype, model_source
+from packtune.recipe.step import accumulate_gradients
+
+log = logging.getLogger("packtune")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm of a step is NaN or infinite (``on_nonfinite_loss="error"``)."""
+
+
+@dataclass
+class RunOptions:
+    """How to run, as opposed to what to train (the settings)."""
+
+    work_dir: str
+    launcher: str = "none"
+    resume: str | None = None  # "auto", a checkpoint path, or None
+    deepspeed: str | None = None  # a built-in name or a JSON path
+    fsdp: bool = False
+    config_path: str | None = None  # copied into the work dir for the record
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _setup_logging(env: DistEnv) -> None:
+    level = logging.INFO if env.is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s packtune %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(level)
+
+
+def _resume_path(opts: RunOptions) -> str | None:
+    if not opts.resume:
+        return None
+    if opts.resume == "auto":
+        path = ckpt.find_last(opts.work_dir)
+        if path is None:
+            log.info("--resume auto: no checkpoint in %s, starting from scratch", opts.work_dir)
+        return path
+    if not os.path.exists(opts.resume):
+        raise FileNotFoundError(f"--resume {opts.resume}: no such checkpoint")
+    return opts.resume
+
+
+def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
+    packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
+    return collate_varlen(packs) if settings.use_varlen_attn else collate_padded(packs, pad_token_id=pad_id)
+
+
+def _prepare_data(settings, tokenizer, env: DistEnv):
+    """Tokenize and pack on the main rank first, so the others read its cache."""
+    options = DataOptions.from_settings(settings)
+    if env.distributed and not env.is_main:
+        torch.distributed.barrier()
+    dataset = build_dataset(options, tokenizer)
+    if env.distributed and env.is_main:
+        torch.distributed.barrier()
+    return dataset
+
+
+def _save(engine, opts: RunOptions, settings, step: int, plan: StepPlan, env: DistEnv) -> str:
+    path = ckpt.checkpoint_path(opts.work_dir, step)
+    meta = {
+        "step": step,
+        "total_steps": plan.total_steps,
+        "world_size": env.world_size,
+        "global_packs": plan.global_packs,
+        "settings": settings_to_dict(settings),
+        "packtune_version": __version__,
+    }
+    engine.save(path, meta)
+    if env.is_main:
+        ckpt.mark_last(opts.work_dir, path)
+        ckpt.rotate(opts.work_dir, settings.save_total_limit)
+    log.info("saved %s", path)
+    return path
+
+
+def _evaluate(engine, tokenizer, settings, metrics: MetricsLogger, step: int, env: DistEnv) -> None:
+    if not settings.evaluation_inputs:
+        return
+    answers = evaluate(engine.unwrapped(), tokenizer, settings)
+    if env.is_main:
+        with open(os.path.join(metrics.work_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps({"step": step, "answers": answers}) + "\n")
+        for item in answers:
+            log.info("eval step %d | %s -> %s", step, item["prompt"], item["answer"])
+            metrics.text("eval", f"**{item['prompt']}**\n\n{item['answer']}", step)
+
+
+def train(settings, opts: RunOptions) -> dict:
+    """Train ``settings`` as ``opts`` says; returns a summary (steps, last loss, checkpoint)."""
+    env = init_distributed(opts.launcher)
+    try:
+        return _train(settings, opts, env)
+    finally:
+        cleanup()
+
+
+def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
+    # --- setup ------------------------------------------------------------------------------
+    _setup_logging(env)
+    os.makedirs(opts.work_dir, exist_ok=True)
+    if env.is_main and opts.config_path and os.path.isfile(opts.config_path):
+        shutil.copy(opts.config_path, os.path.join(opts.work_dir, os.path.basename(opts.config_path)))
+    seed_everything(settings.seed)
+    tokenizer = load_tokenizer(
+        settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dataset = _prepare_data(settings, tokenizer, env)
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no trainable samples after filtering (see the data report)")
+    dtype = compute_dtype(settings.dtype, env.device)
+    log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
+    model = build_model(settings, env.device, dtype)
+    plan = StepPlan(dataset, settings.batch_size, settings.accumulative_counts, env.world_size, settings.max_epochs, settings.max_steps)
+    kind = engine_kind(env, opts.deepspeed, opts.fsdp)
+    engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, opts.deepspeed)
+    start = 0
+    resume = _resume_path(opts)
+    if resume:
+        meta = engine.load(resume)
+        start = int(meta["step"])
+        if meta.get("global_packs") != plan.global_packs:
+            log.warning("resuming with %s packs per step instead of %s: the data order differs from the original run", plan.global_packs, meta.get("global_packs"))
+        log.info("resumed from %s at step %d", resume, start)
+    metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
+    log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
+
+    # --- loop ---------------------------------------------------------------------------------
+    engine.model.train()
+    last_saved, result, tic, window_tokens = None, None, time.perf_counter(), 0
+    for step in range(start, plan.total_steps):
+        slots = plan.micro_batches(step, env.rank)
+        batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
+        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype)
+        grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
+        if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
+            what = f"non-finite {'loss' if not math.isfinite(result.loss) else 'gradient norm'} at step {step + 1} (packs {plan.step_packs(step)})"
+            if settings.on_nonfinite_loss == "error":
+                raise NonFiniteLossError(what + "; set on_nonfinite_loss = 'skip' to skip such steps")
+            if not math.isfinite(result.loss):
+                engine.skip_step()
+            log.warning("skipped %s", what)
+        done = step + 1
+        window_tokens += result.tokens
+        metrics.advance()
+        if done % settings.log_steps == 0 or done == plan.total_steps:
+            elapsed = time.perf_counter() - tic
+            metrics.log(
+                {
+                    "step": done,
+                    "epoch": round(plan.epoch_progress(done), 4),
+                    "loss": result.loss,
+                    "lr": engine.lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "tokens": result.tokens,
+                    "trained_tokens": result.trained_tokens,
+                    "start_step": start,
+                }
+            )
+            tic, window_tokens = time.perf_counter(), 0
+        if settings.evaluation_freq and done % settings.evaluation_freq == 0 and done != plan.total_steps:
+            _evaluate(engine, tokenizer, settings, metrics, done, env)
+        if done % settings.save_steps == 0 and done != plan.total_steps:
+            last_saved = _save(engine, opts, settings, done, plan, env)
+
+    # --- save and clean up ----------------------------------------------------------------------
+    if plan.total_steps > start:
+        last_saved = _save(engine, opts, settings, plan.total_steps, plan, env)
+    _evaluate(engine, tokenizer, settings, metrics, plan.total_steps, env)
+    curve = metrics.close()
+    return {
+        "steps": plan.total_steps,
+        "start_step": start,
+        "loss": result.loss if result else None,
+        "checkpoint": last_saved or ckpt.find_last(opts.work_dir),
+        "loss_curve": curve,
+        "data_report": getattr(dataset, "report", None),
+    }

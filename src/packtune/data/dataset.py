@@ -1,0 +1,227 @@
+"""``build_dataset``: from ``DataOptions`` and a tokenizer to a ``PackedDataset`` of packs.
+
+Steps, each cached on disk (``cache``): resolve the sources, detect each file's format,
+tokenize every row with the prompt template (``tokenize``), then plan the packs over the
+whole dataset at once with ``layout_packs`` (``pack_plan``'s BFD by default).
+``shuffle_before_pack`` and ``seed`` decide the order the samples are planned in (which
+samples share a pack); ``epoch_order(epoch)`` re-orders the packs every epoch.
+
+>>> tok = load_tokenizer("packtune://mistral-v1")                        # doctest: +SKIP
+>>> ds = build_dataset(DataOptions(dataset="train.jsonl", max_length=2048), tok)  # doctest: +SKIP
+>>> len(ds), ds[0]["cu_seqlens"], ds.report.utilization                   # doctest: +SKIP
+(155, array([   0,  312,  771, ..., 2048], dtype=int32), 0.9986)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from packtune.data.cache import DataCache, cache_key
+from packtune.data.errors import DataError
+from packtune.data.formats import check_format_name, detect_format
+from packtune.data.options import PACK_STRATEGIES, DataOptions
+from packtune.data.report import DataReport
+from packtune.data.sources import LocalFile, Part, iter_batches, resolve
+from packtune.data.templates import Template, check_template_name, get_template
+from packtune.data.tokenize import Encoder, tokenize_batches
+from packtune.data.tokenizer import tokenizer_fingerprint, tokenizer_info
+from packtune.packing.packs import OVERFLOW, PackLayout, TokenizedSamples, get_pack, layout_packs
+
+TOK_ARRAYS = ("input_ids", "labels", "offsets", "row_ids")
+PACK_ARRAYS = ("doc_start", "doc_end", "pack_offsets")
+BATCH_SIZE = 1000
+
+
+class PackedDataset:
+    """Packs of tokenized samples: ``ds[i]`` is pack ``i`` (``get_pack``'s dict)."""
+
+    def __init__(self, samples: TokenizedSamples, layout: PackLayout, report: DataReport, *,
+                 row_ids: np.ndarray | None = None, options: DataOptions | None = None,
+                 tokenizer_info: dict | None = None, template: str = "") -> None:
+        self.samples = samples
+        self.layout = layout
+        self.report = report
+        self.row_ids = row_ids if row_ids is not None else np.arange(len(samples))
+        self.options = options
+        self.tokenizer_info = tokenizer_info or {}
+        self.template = template
+        self.seed = options.seed if options is not None else 0
+
+    def __len__(self) -> int:
+        return len(self.layout)
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self)
+        i = int(i)
+        if not -n <= i < n:
+            raise IndexError(f"pack {i} out of range (0..{n - 1})")
+        return get_pack(self.samples, self.layout, i % n)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The packs' order in ``epoch``: a permutation, fixed by ``(seed, epoch)``."""
+        return np.random.default_rng([self.seed, epoch, 0x9ACC]).permutation(len(self))
+
+    def pack_lengths(self) -> np.ndarray:
+        """Tokens in every pack."""
+        return self.layout.pack_lengths()
+
+    def row_of_document(self, doc: int) -> int:
+        """The row (0-based, over all rows read) that document ``doc`` of the layout comes from."""
+        start = int(self.layout.doc_start[doc])
+        sample = int(np.searchsorted(self.samples.offsets, start, side="right")) - 1
+        return int(self.row_ids[sample])
+
+    def __repr__(self) -> str:
+        r = self.report
+        return (f"PackedDataset({len(self)} packs of max {r.max_length} tokens, {r.packed} samples, "
+                f"utilization {r.utilization:.2%})")
+
+
+def _check(options: DataOptions) -> None:
+    check_format_name(options.dataset_format)
+    check_template_name(options.prompt_template)
+    for name, value, known in (("pack_strategy", options.pack_strategy, PACK_STRATEGIES),
+                               ("overflow", options.overflow, OVERFLOW),
+                               ("on_bad_row", options.on_bad_row, ("skip", "error"))):
+        if value not in known:
+            raise DataError(f"unknown {name} {value!r}; known: {', '.join(known)}")
+    if options.max_length < 2:
+        raise DataError(f"max_length must be >= 2, got {options.max_length}")
+    if options.max_samples is not None and options.max_samples < 1:
+        raise DataError(f"max_samples must be >= 1 or None, got {options.max_samples}")
+
+
+def _formats(parts: list[Part], fmt: str) -> list[str]:
+    if fmt != "auto":
+        return [fmt] * len(parts)
+    out = []
+    for p in parts:
+        if isinstance(p, LocalFile) and p.kind == "txt":
+            out.append("text")
+        else:
+            out.append(detect_format(p.head(), p.name))
+    return out
+
+
+def _describe(dataset: str | list[str], split: str) -> str:
+    names = [dataset] if isinstance(dataset, str) else list(dataset)
+    return ", ".join(names) + (f" [{split}]" if split != "train" else "")
+
+
+def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
+    """Load (or reuse from the cache) the packed dataset described by ``options``.
+
+    Raises ``DataError`` (a ``ValueError``) for an unknown format/template/strategy name
+    (listing the known ones), a missing file, a line that is not JSON (file and line), a
+    bad row under ``on_bad_row="error"``, or a too long sample under ``overflow="error"``.
+    """
+    try:
+        _check(options)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    cache = DataCache(options.data_cache_dir)
+    parts = resolve(options.dataset, options.dataset_split)
+    try:
+        template = get_template(options.prompt_template, tokenizer)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
+    tok_key = cache_key({
+        "data": data_fp, "tokenizer": tok_fp, "format": options.dataset_format, "template": template.name,
+        "system_prompt": options.system_prompt, "split": options.dataset_split, "max_samples": options.max_samples,
+    })
+    hit = cache.load("tok", tok_key, TOK_ARRAYS)
+    if hit is None:
+        formats = _formats(parts, options.dataset_format)
+        encoder = Encoder(tokenizer, template, options.system_prompt)
+        batches = iter_batches(parts, formats, options.dataset_split, options.max_samples, BATCH_SIZE)
+        res = tokenize_batches(encoder, batches, options.num_proc, options.on_bad_row)
+        arrays = {"input_ids": res.samples.input_ids, "labels": res.samples.labels,
+                  "offsets": res.samples.offsets, "row_ids": res.row_ids}
+        tok_meta = {"read": res.read, "skipped": res.skipped, "formats": res.formats, "seconds": res.seconds,
+                    "tokens_per_s": res.tokens_per_s, "num_proc": res.num_proc, "template": template.name}
+        cache.save("tok", tok_key, arrays, tok_meta)
+        tok_hit = False
+    else:
+        arrays, tok_meta = hit
+        tok_hit = True
+    samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
+    row_ids = arrays["row_ids"]
+    fmts = [f for f, n in tok_meta["formats"].items() if n]
+    strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
+    pack_key = cache_key({"tokenized": tok_key, "max_length": options.max_length, "strategy": strategy,
+                          "overflow": options.overflow, "shuffle": options.shuffle_before_pack, "seed": options.seed})
+    hit = cache.load("pack", pack_key, PACK_ARRAYS)
+    if hit is None:
+        layout, report = _pack(samples, row_ids, options, strategy)
+        report.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
+        report.dataset = _describe(options.dataset, options.dataset_split)
+        report.formats = dict(tok_meta["formats"])
+        report.template = "none (raw text)" if strategy == "concat" and fmts == ["text"] else tok_meta["template"]
+        report.samples_read = tok_meta["read"]
+        report.skipped = dict(tok_meta["skipped"])
+        report.tokenize_seconds = round(tok_meta["seconds"], 3)
+        report.tokenize_tokens_per_s = round(tok_meta["tokens_per_s"], 1)
+        report.num_proc = tok_meta["num_proc"]
+        report.check()
+        cache.save("pack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
+                                      "pack_offsets": layout.pack_offsets}, report.as_dict())
+        pack_hit = False
+    else:
+        pack_arrays, meta = hit
+        layout = PackLayout(pack_arrays["doc_start"], pack_arrays["doc_end"], pack_arrays["pack_offsets"],
+                            options.max_length)
+        report = DataReport.from_dict(meta)
+        pack_hit = True
+    report.dataset = _describe(options.dataset, options.dataset_split)
+    report.tokenize_cache_hit = tok_hit
+    report.cache_hit = tok_hit and pack_hit
+    report.cache_dir = str(cache.dir)
+    return PackedDataset(samples, layout, report, row_ids=row_ids, options=options,
+                         tokenizer_info=tokenizer_info(tokenizer), template=template.name)
+
+
+def _pack(samples: TokenizedSamples, row_ids: np.ndarray, options: DataOptions,
+          strategy: str) -> tuple[PackLayout, DataReport]:
+    lengths = samples.lengths()
+    if options.overflow == "error" and strategy != "concat" and lengths.size and lengths.max() > options.max_length:
+        i = int(np.argmax(lengths > options.max_length))
+        raise DataError(f"row {int(row_ids[i])} (0-based) has {int(lengths[i])} tokens, more than max_length="
+                        f"{options.max_length} (overflow = 'error'); use overflow = 'truncate' or 'drop'")
+    order = np.random.default_rng(options.seed).permutation(len(samples)) if options.shuffle_before_pack else None
+    layout, pr = layout_packs(samples, options.max_length, strategy, options.overflow, order)
+    total = int(lengths.sum())
+    report = DataReport(
+        kept=len(samples), tokens=total, trained_tokens=pr.trained_tokens, truncated=pr.truncated,
+        truncated_tokens=pr.truncated_tokens, dropped=dict(pr.dropped), packed=pr.packed, documents=pr.documents,
+        packs=pr.packs, packed_tokens=pr.tokens, max_length=options.max_length, strategy=strategy,
+        utilization=round(pr.utilization, 6), docs_per_pack=round(pr.docs_per_pack, 4),
+        min_packs=-(-pr.tokens // options.max_length),
+        length_min=int(lengths.min()) if lengths.size else 0,
+        length_mean=round(float(lengths.mean()), 2) if lengths.size else 0.0,
+        length_max=int(lengths.max()) if lengths.size else 0,
+    )
+    return layout, report
+
+
+def render_prompt(messages_or_text: str | Sequence[dict], tokenizer: Any, template: str | Template = "auto",
+                  system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt for generation: the conversation rendered with ``template`` up to
+    where the assistant's reply starts (a string is one user message).
+
+    >>> tok = load_tokenizer("packtune://mistral-v1")                           # doctest: +SKIP
+    >>> tok.decode(render_prompt("Hi", tok, "mistral"))                         # doctest: +SKIP
+    '<s>[INST] Hi [/INST]'
+    """
+    if isinstance(messages_or_text, str):
+        messages = [{"role": "user", "content": messages_or_text}]
+    else:
+        messages = list(messages_or_text)
+    tpl = template if isinstance(template, Template) else get_template(template, tokenizer)
+    text = tpl.prompt(messages, system_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+

@@ -57,8 +57,12 @@ def _assert_grads_equal(packed, alone):
     assert checked > 0
 
 
-def _run_equivalence(model_type: str, with_cu: bool, with_positions: bool = True, lengths=LENGTHS):
+def _run_equivalence(model_type: str, with_cu: bool, with_positions: bool = True, lengths=LENGTHS, enable=False):
     packed_model = tiny_model(model_type, "packtune_varlen")
+    if enable:
+        from packtune.modeling import enable_varlen
+
+        enable_varlen(packed_model)
     alone_model = same_weights(packed_model, model_type, "eager")
     assert packed_model.config._attn_implementation == "packtune_varlen"
     assert alone_model.config._attn_implementation == "eager"
@@ -108,12 +112,18 @@ def test_packed_equals_alone_position_ids_only(model_type):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known limitation: GPT-BigCode does not hand position_ids to its attention, so packtune_varlen "
-    "needs cu_seq_lens_q/k (which packtune's collator always provides); with position_ids alone the row "
-    "is one document",
+    reason="documented limitation of a bare attn_implementation='packtune_varlen': GPT-BigCode does not hand "
+    "position_ids to its attention, so a row given by positions alone is one document unless the batch carries "
+    "cu_seq_lens_q/k (packtune's collator always does) or the model went through enable_varlen (next test)",
 )
-def test_gpt_bigcode_position_ids_only_is_not_supported():
+def test_gpt_bigcode_position_ids_only_needs_enable_varlen():
     _run_equivalence("gpt_bigcode", with_cu=False)
+
+
+@pytest.mark.parametrize("model_type", ["gpt_bigcode", "llama", "gemma2"])
+def test_enable_varlen_derives_boundaries_from_position_ids_once(model_type):
+    """enable_varlen's hook turns restarting position_ids into cu_seq_lens for every family."""
+    _run_equivalence(model_type, with_cu=False, enable=True)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral"], ids=["llama", "mistral"])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.attention.hf import ATTN_IMPLEMENTATION, BACKEND_ATTR
+from packtune.attention.hf import ATTN_IMPLEMENTATION, BACKEND_ATTR, cu_seqlens_from_position_ids
 from packtune.attention.varlen import BACKENDS
 
 
@@ -25,11 +25,47 @@ def _text_config(model: torch.nn.Module):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def _has_padding(mask) -> bool:
+    return mask is not None and not bool(mask.all())
+
+
+def _attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the backbone: turn restarting ``position_ids`` into ``cu_seq_lens``.
+
+    Done once per forward instead of once per layer, and it reaches models whose attention
+    never sees ``position_ids`` (GPT-BigCode), where a packed row given by positions alone
+    would otherwise be one long document. Decoding with a filled KV cache, and rows with real
+    padding, are left alone (the dense-mask path handles them).
+    """
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is None:
+        return None
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return None
+    if _has_padding(kwargs.get("attention_mask")):
+        return None
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    rows, length = tokens.shape[:2]
+    pos = kwargs["position_ids"]
+    if pos.shape[-1] != length:
+        return None
+    cu = cu_seqlens_from_position_ids(pos, rows)
+    longest = int(cu.diff().max())
+    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return args, kwargs
+
+
 def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
     """Route every attention layer of ``model`` through ``varlen_attn_func``; cache off.
 
-    Raises ``ValueError`` when the model cannot switch attention implementation (remote
-    code that does not use transformers' ``AttentionInterface``).
+    Also installs ``_attach_boundaries`` on the model's backbone, so a packed row given by
+    ``position_ids`` alone is exact on every family. Raises ``ValueError`` when the model
+    cannot switch attention implementation (remote code that does not use transformers'
+    ``AttentionInterface``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -44,6 +80,10 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     for cfg in {id(c): c for c in (model.config, _text_config(model))}.values():
         setattr(cfg, BACKEND_ATTR, backend)
         cfg.use_cache = False
+    backbone = getattr(model, "base_model", None) or model
+    if not getattr(backbone, "_packtune_boundaries", False):
+        backbone.register_forward_pre_hook(_attach_boundaries, with_kwargs=True)
+        backbone._packtune_boundaries = True
     return model
 
 

@@ -66,7 +66,8 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
 
 def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
     """Attention with a dense 4-D mask (padded batches, decoding); never on the training path."""
-    rows, heads, tq, _ = query.shape
+    rows, heads, tq, dim = query.shape
+    scaling = dim**-0.5 if scaling is None else scaling
     if mask.dtype != torch.bool:
         mask = mask == 0
     if position_ids is not None and tq == key.shape[2]:
@@ -188,3 +189,6 @@ def register() -> None:
     """Register ``"packtune_varlen"`` with transformers (idempotent; ``import packtune`` does it)."""
     AttentionInterface.register(ATTN_IMPLEMENTATION, packtune_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, packtune_mask)
+
+
+register()

@@ -29,6 +29,8 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(work_dir, exist_ok=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            _keep_until(os.path.join(work_dir, name), start_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -79,6 +81,15 @@ class MetricsLogger:
         if self.tb:
             self.tb.close()
         return plot_loss_curve(self.path, os.path.join(self.work_dir, "loss_curve.png"))
+
+
+def _keep_until(path: str, step: int) -> None:
+    """Drop log lines after ``step``: a resumed run re-logs the steps a kill interrupted."""
+    if not os.path.exists(path):
+        return
+    kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def _hms(seconds: float) -> str:

@@ -224,3 +224,47 @@ def test_missing_resume_checkpoint_is_one_line(tmp_path, capsys):
                  "--cfg-options", *BASE, "max_steps=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no such checkpoint" in err[0]
+
+
+@pytest.fixture
+def pretrained_folder(tmp_path):
+    """A tiny 'downloaded' model: config, weights and tokenizer in a local folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from packtune.data import load_tokenizer
+
+    folder = tmp_path / "base"
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=32000, max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    load_tokenizer("packtune://mistral-v1").save_pretrained(folder)
+    return folder
+
+
+def _pretrained_options(folder: Path) -> list[str]:
+    rest = [o for o in BASE if not o.startswith("model_config")]
+    return [f"pretrained_model_name_or_path={str(folder)!r}", "model_config=None", "tokenizer_name_or_path=None", *rest]
+
+
+def test_lora_on_a_pretrained_folder_saves_only_the_adapter(tmp_path, pretrained_folder):
+    options = _pretrained_options(pretrained_folder) + ["lora={'r': 4}", "max_steps=2", "save_steps=2", "lr=1e-2"]
+    work = tmp_path / "work"
+    assert main(["train", "tiny_llama_lora_demo", "--work-dir", str(work), "--cfg-options", *options]) == 0
+    state = _state(work / "iter_2.pth")
+    assert state and all("lora_" in k for k in state)  # the frozen base is not copied into checkpoints
+    adapter = tmp_path / "adapter"
+    assert main(["convert", "pth_to_hf", "tiny_llama_lora_demo", str(work / "iter_2.pth"), str(adapter), "--cfg-options", *options]) == 0
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(pretrained_folder)
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(adapter)
+
+
+def test_qlora_on_cpu_is_one_clear_line(tmp_path, pretrained_folder, capsys):
+    options = _pretrained_options(pretrained_folder) + ["lora={'r': 4, 'quantization': '4bit'}", "max_steps=1"]
+    code = main(["train", "tiny_llama_lora_demo", "--work-dir", str(tmp_path / "w"), "--cfg-options", *options])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "QLoRA" in err[0] and "CUDA" in err[0]

@@ -144,7 +144,8 @@ def _eager(q, k, v, cu_q, cu_k, scale, req, alibi):
         allowed = allowed.to(q.device)
         s = s.masked_fill(~allowed, float("-inf"))
         seen = allowed.any(-1)
-        lse = torch.logsumexp(s, dim=-1)
+        # flash-attn reports +inf as the log-sum-exp of a row that sees no key.
+        lse = torch.logsumexp(s, dim=-1).masked_fill(~seen.view(1, -1), float("inf"))
         # A row that sees no key would be NaN after softmax; flash-attn returns zeros there.
         p = torch.softmax(s.masked_fill(~seen.view(1, -1, 1), 0.0), dim=-1) * seen.view(1, -1, 1)
         if req.dropout_p > 0:
@@ -161,10 +162,37 @@ def _eager(q, k, v, cu_q, cu_k, scale, req, alibi):
     return out
 
 
-def _gather(x: torch.Tensor, sl, index, n: int, length: int) -> torch.Tensor:
-    """``(n, heads, length, dim)`` input of one bucket: a free view, or a gather of padded rows."""
-    rows = x[sl[0] : sl[1]] if sl is not None else x.index_select(0, index)
-    return rows.view(n, length, x.shape[1], x.shape[2]).transpose(1, 2)
+class RowGather(torch.autograd.Function):
+    """``y = x[src]`` with padding rows zero, whose gradient is the reverse gather ``g[dst]``.
+
+    ``index_select``'s own backward allocates a zero tensor of ``x``'s size and scatters into
+    it (and slicing does the same once per slice), which on CPU costs more than the attention
+    of a bucket. The maps of a ``RowMap`` are a bijection between the rows of ``x`` it uses and
+    the non-padding rows of ``y``, so the exact gradient is one gather the other way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, row_map):
+        ctx.row_map = row_map
+        return _gather_rows(x, row_map.src, row_map.src_pad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return RowGather.apply(grad, ctx.row_map.reverse()), None
+
+
+def _gather_rows(x: torch.Tensor, src: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return x.new_zeros((src.numel(),) + tuple(x.shape[1:]))
+    y = x.index_select(0, src)
+    if pad.numel():
+        y.index_fill_(0, pad, 0)
+    return y
+
+
+def _gather(x: torch.Tensor, row_map) -> torch.Tensor:
+    """``x``'s rows in the buckets' padded layout (``x`` itself when that is the identity)."""
+    return x if row_map.identity else RowGather.apply(x, row_map)
 
 
 def _bucket_math(qb, kb, vb, mask, scale, req, bias):
@@ -191,39 +219,38 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
     needs_math = req.softcap > 0 or alibi is not None
     width = q.shape[1] * (q.shape[2] + v.shape[2])
     plan = plan_buckets(cu_q, cu_k, req.causal, req.window, width, needs_math)
-    moved, inv = plan.tensors_on(q.device)
+    if not plan.buckets:
+        return q.new_zeros(q.shape[0], q.shape[1], v.shape[2]) + 0 * (q.sum() + k.sum() + v.sum())
+    q_map, k_map, row_scale, masks = plan.maps_on(q.device)
     gqa = q.shape[1] != k.shape[1]
+    # One gather per input for all buckets, then split: the backward of a split is one cat.
+    qs = _gather(q, q_map).split([b.n * b.lq for b in plan.buckets])
+    ks = _gather(k, k_map).split([b.n * b.lk for b in plan.buckets])
+    vs = _gather(v, k_map).split([b.n * b.lk for b in plan.buckets])
     pieces = []
-    for b, t in zip(plan.buckets, moved):
-        qb = _gather(q, b.q_slice, t["q_index"], b.n, b.lq)
-        kb = _gather(k, b.k_slice, t["k_index"], b.n, b.lk)
-        vb = _gather(v, b.k_slice, t["k_index"], b.n, b.lk)
+    for b, mask, qp, kp, vp in zip(plan.buckets, masks, qs, ks, vs):
+        qb, kb, vb = (x.view(b.n, -1, *x.shape[1:]).transpose(1, 2) for x in (qp, kp, vp))
         if needs_math:
             bias = _alibi_for_bucket(alibi, b, cu_q, cu_k) if alibi is not None else None
-            ob = _bucket_math(qb, kb, vb, t["mask"], scale, req, bias)
+            ob = _bucket_math(qb, kb, vb, mask, scale, req, bias)
         else:
             ob = F.scaled_dot_product_attention(
                 qb,
                 kb,
                 vb,
-                attn_mask=t["mask"],
+                attn_mask=mask,
                 dropout_p=req.dropout_p,
                 is_causal=b.is_causal,
                 scale=scale,
                 enable_gqa=gqa,
             )
-        ob = ob.transpose(1, 2).reshape(b.n * b.lq, q.shape[1], v.shape[2])
-        if t["rows"] is not None:
-            ob = ob.index_select(0, t["rows"])
-        if t["row_scale"] is not None:
-            ob = ob * t["row_scale"].to(ob.dtype).view(-1, 1, 1)
-        pieces.append(ob)
-    if plan.empty_rows:
-        pieces.append(q.new_zeros(plan.empty_rows, q.shape[1], v.shape[2]))
-    if not pieces:
-        return q.new_zeros(0, q.shape[1], v.shape[2]) + 0 * v.sum()
+        # SDPA's output keeps the (n, lq, heads, dim) memory layout of its input: a free view.
+        pieces.append(ob.transpose(1, 2).reshape(b.n * b.lq, q.shape[1], v.shape[2]))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return out if inv is None else out.index_select(0, inv)
+    out = _gather(out, q_map.reverse())
+    if row_scale is not None:
+        out = out * row_scale.to(out.dtype).view(-1, 1, 1)
+    return out
 
 
 def _alibi_for_bucket(alibi, bucket, cu_q, cu_k):
@@ -247,7 +274,12 @@ def _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req):
     varlen_attn, params = _torch_varlen()
     dv = v.shape[-1]
     v_in = _pad_v(q, v)
-    kwargs = {"scale": scale}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif scale != q.shape[-1] ** -0.5:
+        # torch 2.10's varlen_attn has no ``scale`` (it always uses head_dim ** -0.5): fold ours into q.
+        q = q * (scale * q.shape[-1] ** 0.5)
     left, right = req.window
     if req.causal:
         right = 0

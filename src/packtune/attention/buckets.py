@@ -27,7 +27,10 @@ import torch
 # Fixed cost of one bucket (gather, kernel launch, scatter, forward and backward), in the
 # units of the variable cost below: score elements x (head_dim + v_head_dim) x heads.
 # Measured on a 2-core CPU: one call costs about as much as the attention of a
-# ~50-token document with 8 heads of 64 dims.
+# ~50-token document with 8 heads of 64 dims. Re-measured once the gathers became one per
+# input (``RowMap``): a 4096-token pack of 25 long-tailed documents runs equally fast
+# (within noise) for any value from 1e5 to 1e7, and slows down from 2e7 on (less
+# splitting, more padding).
 CALL_COST = 2.5e6
 
 
@@ -65,6 +68,9 @@ class Bucket:
     padded output (``None``: all are real). ``is_causal`` uses SDPA's own causal flag;
     ``mask`` is a boolean ``(n or 1, 1, lq, lk)`` mask; ``row_scale`` zeroes real query rows
     that may see no key (flash-attn outputs zeros there). ``docs`` are the document indices.
+
+    The ``sdpa`` backend does not gather bucket by bucket: it uses the plan's ``RowMap``s, the
+    same layout for all buckets at once (one gather per input, whose backward is one gather).
     """
 
     n: int
@@ -82,34 +88,73 @@ class Bucket:
 
 
 @dataclass
+class RowMap:
+    """Rows of ``x`` laid out as the padded rows of the buckets, one after another.
+
+    ``y = x[src]`` with the rows at ``src_pad`` set to zero (padding). ``dst`` is the reverse
+    map: row ``j`` of ``x`` sits at ``y[dst[j]]``; rows at ``dst_pad`` appear nowhere in ``y``.
+    The two directions are each other's gradient (``RowGather`` in ``backends.py``), so the
+    backward of a gather is one gather too, never a zero-filled scatter per bucket.
+    ``identity``: ``y`` is ``x`` (one contiguous bucket, no padding): nothing to copy.
+    """
+
+    src: torch.Tensor
+    src_pad: torch.Tensor
+    dst: torch.Tensor
+    dst_pad: torch.Tensor
+    identity: bool
+
+    @classmethod
+    def build(cls, src: np.ndarray, n_rows: int) -> RowMap:
+        """From ``src`` (``-1`` = padding) over an ``x`` of ``n_rows`` rows."""
+        src = np.asarray(src, dtype=np.int64)
+        dst = np.full(n_rows, -1, dtype=np.int64)
+        real = np.flatnonzero(src >= 0)
+        dst[src[real]] = real
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        return cls(
+            src=t(np.maximum(src, 0)),
+            src_pad=t(np.flatnonzero(src < 0)),
+            dst=t(np.maximum(dst, 0)),
+            dst_pad=t(np.flatnonzero(dst < 0)),
+            identity=src.size == n_rows and bool((src == np.arange(n_rows)).all()),
+        )
+
+    def to(self, device: torch.device) -> RowMap:
+        move = lambda t: t.to(device)  # noqa: E731
+        return RowMap(move(self.src), move(self.src_pad), move(self.dst), move(self.dst_pad), self.identity)
+
+    def reverse(self) -> RowMap:
+        """The map from ``y`` back to ``x`` (rows of ``x`` that ``y`` lacks come out as zeros)."""
+        return RowMap(self.dst, self.dst_pad, self.src, self.src_pad, self.identity)
+
+
+@dataclass
 class BucketPlan:
-    """Buckets, the query rows that see no key at all, and how to restore token order."""
+    """Buckets, the query rows that see no key at all, and how to restore token order.
+
+    ``q_map``/``k_map`` lay the query/key rows out as the buckets' padded inputs, all buckets
+    end to end (bucket ``b`` takes ``n * lq`` rows, resp. ``n * lk``); ``q_map.reverse()``
+    takes the buckets' outputs back to token order, with zeros for queries of documents
+    without keys. ``row_scale`` ``(total_q,)`` zeroes the query rows that may see no key
+    (``None``: there are none).
+    """
 
     buckets: list[Bucket]
     empty_rows: int
     inv_perm: torch.Tensor | None
+    q_map: RowMap | None = None
+    k_map: RowMap | None = None
+    row_scale: torch.Tensor | None = None
     _on_device: dict = field(default_factory=dict, repr=False)
 
-    def tensors_on(self, device: torch.device) -> list[dict]:
-        """The plan's index and mask tensors moved to ``device`` (cached per device)."""
-        key = str(device)
+    def maps_on(self, device: torch.device) -> tuple[RowMap, RowMap, torch.Tensor | None, list]:
+        """``(q_map, k_map, row_scale, masks)`` on ``device`` (cached per device)."""
+        key = ("maps", str(device))
         if key not in self._on_device:
-            moved = []
-            for b in self.buckets:
-                moved.append(
-                    {
-                        name: (t.to(device) if t is not None else None)
-                        for name, t in (
-                            ("q_index", b.q_index),
-                            ("k_index", b.k_index),
-                            ("rows", b.rows),
-                            ("mask", b.mask),
-                            ("row_scale", b.row_scale),
-                        )
-                    }
-                )
-            inv = self.inv_perm.to(device) if self.inv_perm is not None else None
-            self._on_device[key] = (moved, inv)
+            scale = self.row_scale.to(device) if self.row_scale is not None else None
+            masks = [b.mask.to(device) if b.mask is not None else None for b in self.buckets]
+            self._on_device[key] = (self.q_map.to(device), self.k_map.to(device), scale, masks)
         return self._on_device[key]
 
 
@@ -233,4 +278,39 @@ def plan_buckets(
     order = np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64)
     identity = bool((order == np.arange(len(order))).all())
     inv = None if identity else torch.from_numpy(np.argsort(order, kind="stable").astype(np.int64))
-    return BucketPlan(buckets=buckets, empty_rows=sum(lq[d] for d in empty), inv_perm=inv)
+    q_map, k_map, row_scale = _row_maps(buckets, sq, lq, sk, lk, cu_q[-1], cu_k[-1])
+    return BucketPlan(
+        buckets=buckets,
+        empty_rows=sum(lq[d] for d in empty),
+        inv_perm=inv,
+        q_map=q_map,
+        k_map=k_map,
+        row_scale=row_scale,
+    )
+
+
+def _row_maps(buckets, sq, lq, sk, lk, total_q, total_k) -> tuple[RowMap, RowMap, torch.Tensor | None]:
+    """The padded layout of every bucket's queries and keys, end to end, and the row scale."""
+
+    def src_rows(starts, lengths, width, docs):
+        if not docs:
+            return np.zeros(0, dtype=np.int64)
+        s, n = np.asarray([starts[d] for d in docs]), np.asarray([lengths[d] for d in docs])
+        pos = np.arange(width)[None, :]
+        return np.where(pos < n[:, None], pos + s[:, None], -1).reshape(-1)
+
+    empty = np.zeros(0, dtype=np.int64)
+    q_src = np.concatenate([empty] + [src_rows(sq, lq, b.lq, b.docs) for b in buckets])
+    k_src = np.concatenate([empty] + [src_rows(sk, lk, b.lk, b.docs) for b in buckets])
+    row_scale = None
+    if any(b.row_scale is not None for b in buckets):
+        scale = np.ones(total_q, dtype=np.float32)
+        for b in buckets:
+            if b.row_scale is None:
+                continue
+            real, at = b.row_scale.numpy(), 0
+            for d in b.docs:
+                scale[sq[d] : sq[d] + lq[d]] = real[at : at + lq[d]]
+                at += lq[d]
+        row_scale = torch.from_numpy(scale)
+    return RowMap.build(q_src, total_q), RowMap.build(k_src, total_k), row_scale

@@ -62,25 +62,19 @@ def allowed_mask(lq: int, lk: int, causal: bool, window: tuple[int, int]) -> tor
 class Bucket:
     """One batched attention call over ``n`` documents padded to ``lq`` x ``lk``.
 
-    ``q_slice``/``k_slice`` are set when the documents lie contiguously with equal lengths,
-    so the input is a view and needs no gather; otherwise ``q_index``/``k_index`` gather the
-    padded ``(n * lq)`` / ``(n * lk)`` rows. ``rows`` selects the real query rows out of the
-    padded output (``None``: all are real). ``is_causal`` uses SDPA's own causal flag;
+    ``rows`` selects the real query rows out of the padded ``(n * lq)`` output (``None``: all
+    are real). ``is_causal`` uses SDPA's own causal flag;
     ``mask`` is a boolean ``(n or 1, 1, lq, lk)`` mask; ``row_scale`` zeroes real query rows
     that may see no key (flash-attn outputs zeros there). ``docs`` are the document indices.
 
-    The ``sdpa`` backend does not gather bucket by bucket: it uses the plan's ``RowMap``s, the
-    same layout for all buckets at once (one gather per input, whose backward is one gather).
+    The inputs of all buckets are gathered at once through the plan's ``RowMap``s (one gather
+    per input, whose backward is one gather too).
     """
 
     n: int
     lq: int
     lk: int
     docs: list[int]
-    q_slice: tuple[int, int] | None
-    k_slice: tuple[int, int] | None
-    q_index: torch.Tensor | None
-    k_index: torch.Tensor | None
     rows: torch.Tensor | None
     is_causal: bool
     mask: torch.Tensor | None
@@ -131,7 +125,7 @@ class RowMap:
 
 @dataclass
 class BucketPlan:
-    """Buckets, the query rows that see no key at all, and how to restore token order.
+    """Buckets, and how rows travel between token order and the buckets' padded layout.
 
     ``q_map``/``k_map`` lay the query/key rows out as the buckets' padded inputs, all buckets
     end to end (bucket ``b`` takes ``n * lq`` rows, resp. ``n * lk``); ``q_map.reverse()``
@@ -141,10 +135,8 @@ class BucketPlan:
     """
 
     buckets: list[Bucket]
-    empty_rows: int
-    inv_perm: torch.Tensor | None
-    q_map: RowMap | None = None
-    k_map: RowMap | None = None
+    q_map: RowMap
+    k_map: RowMap
     row_scale: torch.Tensor | None = None
     _on_device: dict = field(default_factory=dict, repr=False)
 
@@ -187,22 +179,9 @@ def _cut_points(lq: np.ndarray, lk: np.ndarray, width: int) -> list[tuple[int, i
     return spans[::-1]
 
 
-def _padded_index(starts: list[int], lengths: list[int], width: int) -> torch.Tensor:
-    """Row indices of ``len(starts)`` documents each padded to ``width`` (pads repeat the last row)."""
-    idx = np.minimum(np.arange(width)[None, :], np.asarray(lengths)[:, None] - 1) + np.asarray(starts)[:, None]
-    return torch.from_numpy(idx.reshape(-1).astype(np.int64))
-
-
-def _contiguous(starts: list[int], lengths: list[int]) -> bool:
-    return len(set(lengths)) == 1 and all(starts[m + 1] == starts[m] + lengths[m] for m in range(len(starts) - 1))
-
-
-def _make_bucket(docs, sq, lq, sk, lk, causal, window, needs_math) -> Bucket:
-    qs, qls = [sq[d] for d in docs], [lq[d] for d in docs]
-    ks, kls = [sk[d] for d in docs], [lk[d] for d in docs]
+def _make_bucket(docs, lq, lk, causal, window, needs_math) -> Bucket:
+    qls, kls = [lq[d] for d in docs], [lk[d] for d in docs]
     n, Lq, Lk = len(docs), max(qls), max(kls)
-    q_slice = (qs[0], qs[0] + n * Lq) if _contiguous(qs, qls) else None
-    k_slice = (ks[0], ks[0] + n * Lk) if _contiguous(ks, kls) else None
     rows = None
     if any(x != Lq for x in qls):
         rows = torch.from_numpy(
@@ -237,10 +216,6 @@ def _make_bucket(docs, sq, lq, sk, lk, causal, window, needs_math) -> Bucket:
         lq=Lq,
         lk=Lk,
         docs=list(docs),
-        q_slice=q_slice,
-        k_slice=k_slice,
-        q_index=None if q_slice else _padded_index(qs, qls, Lq),
-        k_index=None if k_slice else _padded_index(ks, kls, Lk),
         rows=rows,
         is_causal=is_causal,
         mask=mask,
@@ -265,28 +240,16 @@ def plan_buckets(
     """
     sq, lq = list(cu_q[:-1]), [b - a for a, b in zip(cu_q, cu_q[1:])]
     sk, lk = list(cu_k[:-1]), [b - a for a, b in zip(cu_k, cu_k[1:])]
+    # Documents with queries but no keys are in no bucket: their rows come back as zeros
+    # (flash-attn semantics).
     live = [d for d in range(len(lq)) if lq[d] > 0 and lk[d] > 0]
-    # Documents with queries but no keys output zeros: flash-attn semantics.
-    empty = [d for d in range(len(lq)) if lq[d] > 0 and lk[d] == 0]
     live.sort(key=lambda d: (lk[d], lq[d], sq[d]))
     buckets = []
     if live:
         spans = _cut_points(np.array([lq[d] for d in live]), np.array([lk[d] for d in live]), width)
-        buckets = [_make_bucket(live[a:b], sq, lq, sk, lk, causal, window, needs_math) for a, b in spans]
-    dst = [np.arange(sq[d], sq[d] + lq[d]) for b in buckets for d in b.docs]
-    dst += [np.arange(sq[d], sq[d] + lq[d]) for d in empty]
-    order = np.concatenate(dst) if dst else np.zeros(0, dtype=np.int64)
-    identity = bool((order == np.arange(len(order))).all())
-    inv = None if identity else torch.from_numpy(np.argsort(order, kind="stable").astype(np.int64))
+        buckets = [_make_bucket(live[a:b], lq, lk, causal, window, needs_math) for a, b in spans]
     q_map, k_map, row_scale = _row_maps(buckets, sq, lq, sk, lk, cu_q[-1], cu_k[-1])
-    return BucketPlan(
-        buckets=buckets,
-        empty_rows=sum(lq[d] for d in empty),
-        inv_perm=inv,
-        q_map=q_map,
-        k_map=k_map,
-        row_scale=row_scale,
-    )
+    return BucketPlan(buckets=buckets, q_map=q_map, k_map=k_map, row_scale=row_scale)
 
 
 def _row_maps(buckets, sq, lq, sk, lk, total_q, total_k) -> tuple[RowMap, RowMap, torch.Tensor | None]:

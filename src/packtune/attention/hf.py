@@ -92,6 +92,20 @@ def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
     return out.transpose(1, 2).contiguous()
 
 
+def _common_dtype(query, key, value):
+    """One dtype for q, k, v: autocast's when it is on, else the values' (the model's own).
+
+    Rotary embeddings compute in fp32, so under autocast (or with fp32 norms in a bf16 model)
+    q and k can arrive in fp32 beside bf16 values; SDPA and flash kernels need one dtype.
+    """
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        target = torch.get_autocast_dtype(device_type)
+    else:
+        target = value.dtype
+    return tuple(t if t.dtype == target else t.to(target) for t in (query, key, value))
+
+
 def packtune_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -112,6 +126,7 @@ def packtune_attention_forward(
     if kwargs.get("output_attentions"):
         raise NotImplementedError("packtune_varlen cannot return attention weights; use attn_implementation='eager'")
     causal = module.is_causal if is_causal is None else is_causal
+    query, key, value = _common_dtype(query, key, value)
     rows, heads, tq, dim = query.shape
     tk = key.shape[2]
     position_ids = kwargs.get("position_ids")

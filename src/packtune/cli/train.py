@@ -75,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         summary = train(settings, opts)
     except (SetupError, LeakError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
-    if summary.get("checkpoint"):
+    if summary.get("checkpoint") and os.environ.get("RANK", "0") == "0":  # once, not per rank
         print(f"checkpoint: {summary['checkpoint']}")
+    if args.launcher != "none":
+        # A finished worker leaves without the interpreter's teardown, where threads torch
+        # keeps past destroy_process_group can abort it (see packtune.distributed.exit_process).
+        from packtune.distributed import exit_process
+
+        exit_process(0)
     return 0

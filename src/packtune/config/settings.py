@@ -155,6 +155,8 @@ class Settings:
     warmup_ratio: float = _f(0.03, 1, "share of the steps spent warming up the learning rate")
     loss_reduction: str = _f("token", SCHEDULE, "average the loss per token|sample|square")
     on_nonfinite_loss: str = _f("error", SCHEDULE, "NaN/inf loss: error|skip the step")
+    balance_attention: bool = _f(
+        False, SCHEDULE, "several processes: deal each step's packs to ranks by attention cost (sum of squared doc lengths)")
 
     # --- Runtime -----------------------------------------------------------------------
     save_steps: int = _f(500, 1, "save a checkpoint every N optimizer steps")

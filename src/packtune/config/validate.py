@@ -263,6 +263,7 @@ CHECKS: dict[str, Check] = {
     "warmup_ratio": NUMBER(0, 1, example=0.03),
     "loss_reduction": CHOICE(S.LOSS_REDUCTIONS),
     "on_nonfinite_loss": CHOICE(S.NONFINITE_LOSS_POLICIES),
+    "balance_attention": BOOL,
     "save_steps": INT(1),
     "save_total_limit": INT(1),
     "log_steps": INT(1),
@@ -336,7 +337,7 @@ def unknown_name(name: str, known: Iterable[str], what: str = "setting") -> Prob
         return Problem(name, f"unknown {what} `{name}`; did you mean `{near[0]}`?", f"rename it `{near[0]}`")
     if what == "setting":
         return Problem(name, f"unknown setting `{name}`",
-                       f"remove it, or start its name with `_` if it is a private helper "
+                       "remove it, or start its name with `_` if it is a private helper "
                        "(packtune list-cfg and copy-cfg show the known settings)")
     return Problem(name, f"unknown {what} `{name}`", f"remove it; known keys: {', '.join(known)}")
 

@@ -124,12 +124,43 @@ def _evaluate(engine, tokenizer, settings, metrics: MetricsLogger, step: int, en
 
 
 def train(settings, opts: RunOptions) -> dict:
-    """Train ``settings`` as ``opts`` says; returns a summary (steps, last loss, checkpoint)."""
+    """Train ``settings`` as ``opts`` says; returns a summary (steps, last loss, checkpoint).
+
+    An error on one rank is logged with that rank's number, and the rank leaves the process
+    group without waiting for the others (which may be inside a collective it will never
+    join): torchrun then stops them, and a job ends with that rank's error instead of hanging.
+    """
     env = init_distributed(opts.launcher)
     try:
-        return _train(settings, opts, env)
-    finally:
-        cleanup()
+        summary = _train(settings, opts, env)
+    except BaseException as exc:
+        if env.distributed:
+            log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size, type(exc).__name__, exc)
+        cleanup(ok=False)
+        raise
+    cleanup()
+    return summary
+
+
+#: Debug aid: ``PACKTUNE_DEBUG_RAISE=RANK:STEP`` makes rank RANK raise ``InjectedFault`` when it
+#: starts global step STEP (1-based), to rehearse how a job and its cluster handle a failing rank.
+DEBUG_RAISE_ENV = "PACKTUNE_DEBUG_RAISE"
+
+
+class InjectedFault(RuntimeError):
+    """The failure asked for by ``PACKTUNE_DEBUG_RAISE``."""
+
+
+def _injected_fault(env: DistEnv) -> int | None:
+    """The step at which this rank must raise (``PACKTUNE_DEBUG_RAISE``), or None."""
+    spec = os.environ.get(DEBUG_RAISE_ENV)
+    if not spec:
+        return None
+    try:
+        rank, step = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"{DEBUG_RAISE_ENV}={spec!r}: expected RANK:STEP, e.g. 1:2") from None
+    return step if rank == env.rank else None
 
 
 def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
@@ -149,7 +180,15 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
     dtype = compute_dtype(settings.dtype, env.device)
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
     model = build_model(settings, env.device, dtype)
-    plan = StepPlan(dataset, settings.batch_size, settings.accumulative_counts, env.world_size, settings.max_epochs, settings.max_steps)
+    plan = StepPlan(
+        dataset,
+        settings.batch_size,
+        settings.accumulative_counts,
+        env.world_size,
+        settings.max_epochs,
+        settings.max_steps,
+        balance=settings.balance_attention,
+    )
     kind = engine_kind(env, opts.deepspeed, opts.fsdp)
     engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, opts.deepspeed)
     start = 0
@@ -166,7 +205,10 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
     # --- loop ---------------------------------------------------------------------------------
     engine.model.train()
     last_saved, result, tic, window_tokens = None, None, time.perf_counter(), 0
+    fault_step = _injected_fault(env)
     for step in range(start, plan.total_steps):
+        if fault_step == step + 1:
+            raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {env.rank} raises at step {step + 1}")
         slots = plan.micro_batches(step, env.rank)
         batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
         result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype)

@@ -1,0 +1,192 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) behind the engine interface.
+
+Each decoder layer is sharded on its own, then the root (embeddings, final norm, LM head; the
+transformers model, also under a PEFT wrapper):
+parameters become ``DTensor`` shards over a 1-D device mesh of all ranks (CUDA with NCCL, or
+the CPU with gloo), gathered for a layer's forward and backward and resharded after. The
+layers are found generically: the modules whose class is named in the transformers model's
+``_no_split_modules``, or else the children of the largest ``nn.ModuleList``.
+
+Gradients are reduce-scattered (averaged over ranks, as the recipe's loss scaling expects)
+only on the last micro-batch of a step (``set_requires_gradient_sync``). Clipping uses
+``clip_grad_norm_`` on the DTensor gradients, whose norm is the global one. With a half
+compute dtype, parameters are gathered in that dtype and gradients reduced in fp32
+(``MixedPrecisionPolicy``); the sharded master weights stay fp32.
+
+Checkpoints are folders written with ``torch.distributed.checkpoint`` (each rank its shards):
+``model/`` (``get_model_state_dict``; only the trainable tensors for LoRA on a downloaded
+base), ``optim/`` (``get_optimizer_state_dict``), ``extra.pt`` (schedule, RNG states, meta).
+``packtune.recipe.sharded.read_sharded_model_state`` reads ``model/`` back in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import torch.distributed as dist
+
+from packtune.distributed import DistEnv
+from packtune.recipe import checkpoint as ckpt
+from packtune.recipe import sharded
+from packtune.recipe.engine import build_optimizer, lr_lambda
+
+
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper."""
+    while hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of ``model`` (PEFT-wrapped or not), in order."""
+    names = set(getattr(_inner(model), "_no_split_modules", None) or [])
+    if names:
+        layers = [m for m in model.modules() if type(m).__name__ in names]
+        if layers:
+            return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+class FSDPEngine:
+    """FSDP2 over all ranks; see the module docs."""
+
+    name = "fsdp"
+
+    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from packtune.distributed import ensure_process_group
+
+        ensure_process_group(env)  # one process: a group of one
+        self.env = env
+        self.settings = settings
+        self.max_norm = float(settings.max_norm)
+        self.full_state = ckpt.needs_full_state(settings)
+        self.mesh = init_device_mesh(env.device.type, (env.world_size,))
+        mp = MixedPrecisionPolicy()
+        if compute_dtype != torch.float32:
+            mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        self.state_keys = list(model.state_dict().keys())
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
+        for layer in reversed(decoder_layers(model)):  # an inner block before one holding it
+            fully_shard(layer, mesh=self.mesh, mp_policy=mp)
+        # The root is the transformers model even under PEFT: ``generate`` (evaluation) calls
+        # it directly, so its hooks, which gather the embeddings and head, must sit there.
+        self.root = _inner(model)
+        fully_shard(self.root, mesh=self.mesh, mp_policy=mp)
+        self.model = model
+        self.optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
+
+    @contextlib.contextmanager
+    def accumulate(self, last: bool):
+        self.root.set_requires_gradient_sync(last)
+        try:
+            yield
+        finally:
+            self.root.set_requires_gradient_sync(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def step(self) -> float:
+        """Clip (global norm over every shard), update, schedule, clear; returns the norm."""
+        limit = self.max_norm if self.max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable(), limit)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if not math.isfinite(norm):
+            self.skip_step()
+            return norm
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _options(self, loading: bool = False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # Only the trainable tensors (LoRA on a downloaded base): loading leaves the frozen
+        # base as it was loaded; dcp.load already fails on a tensor the checkpoint lacks.
+        return StateDictOptions(ignore_frozen_params=not self.full_state, strict=self.full_state or not loading)
+
+    def save(self, path: str, meta: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        rng = ckpt.gather_rng_states(self.env)
+        model_state = get_model_state_dict(self.model, options=self._options())
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        with sharded.atomic_folder(path, self.env) as tmp:
+            dcp.save(model_state, checkpoint_id=os.path.join(tmp, sharded.FSDP_MODEL))
+            dcp.save(optim_state, checkpoint_id=os.path.join(tmp, sharded.FSDP_OPTIM))
+            if self.env.is_main:
+                extra = {"scheduler": self.scheduler.state_dict(), "rng": rng, "meta": meta}
+                ckpt.atomic_torch_save(extra, os.path.join(tmp, sharded.FSDP_EXTRA))
+                sharded.write_info(
+                    tmp,
+                    engine="fsdp",
+                    full_state=self.full_state,
+                    state_keys=self.state_keys,
+                    trainable=self.trainable_names,
+                    meta=meta,
+                )
+
+    def load(self, path: str) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if not os.path.isdir(path) or sharded.read_info(path).get("engine") != "fsdp":
+            raise ValueError(f"{path} is not an FSDP2 checkpoint folder; resume an --fsdp run from one of its own checkpoints")
+        model_state = get_model_state_dict(self.model, options=self._options())
+        dcp.load(model_state, checkpoint_id=os.path.join(path, sharded.FSDP_MODEL))
+        set_model_state_dict(self.model, model_state, options=self._options(loading=True))
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=self._options())
+        dcp.load(optim_state, checkpoint_id=os.path.join(path, sharded.FSDP_OPTIM))
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=self._options())
+        extra = torch.load(os.path.join(path, sharded.FSDP_EXTRA), map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        ckpt.restore_rng_states(extra["rng"], self.env)
+        return extra["meta"]
+
+    def barrier(self) -> None:
+        dist.barrier()

@@ -104,7 +104,11 @@ def build_model(settings, device: torch.device, dtype: torch.dtype) -> torch.nn.
     if settings.use_varlen_attn:
         check_no_leak(model)
     if settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.x renames it activation checkpointing; older releases have only this name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if settings.lora:
         if settings.lora.get("quantization"):
             from peft import prepare_model_for_kbit_training

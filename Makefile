@@ -6,9 +6,7 @@ STAMP  := $(VENV)/.packtune-installed
 # Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 has a CPU build on PyPI mirrors.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test install
-
-install: $(STAMP)
+.PHONY: demo test
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

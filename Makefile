@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.packtune-installed
-# Pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 has a CPU build on PyPI mirrors.
+# Installed first and pinned: an unpinned torch (or one pulled in by another package) can be
+# a multi-GB CUDA build, where 2.13.0 may already be available locally as a CPU build.
 TORCH  := torch==2.13.0
 
 .PHONY: demo test

@@ -183,9 +183,7 @@ def test_batched_generation_with_left_padding_matches_eager(model_type):
 
 
 def test_packed_rows_cannot_be_decoded_against_a_cache():
-    module = torch.nn.Module()
-    module.is_causal = True
-    module.config = type("C", (), {})()
+    module = _module()
     q = torch.randn(1, 4, 2, 8)
     k = torch.randn(1, 4, 5, 8)
     pos = torch.tensor([[0, 0]])

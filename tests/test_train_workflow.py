@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -128,6 +129,7 @@ def _spawn(work: Path, *options: str) -> subprocess.Popen:
 def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
     options = ("max_steps=6", "save_steps=2", "lora=None")
     straight = tmp_path / "straight"
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the killed run uses one thread too: same reduction order
     try:
         assert _train(straight, *options) == 0
@@ -145,7 +147,7 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
         assert not (killed / "iter_6.pth").exists()
         assert main(["train", "tiny_mistral_full_demo", "--work-dir", str(killed), "--resume", "auto", "--cfg-options", *BASE, *options]) == 0
     finally:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads)
     a, b = _state(straight / "iter_6.pth"), _state(killed / "iter_6.pth")
     assert a.keys() == b.keys()
     for name in a:
@@ -175,6 +177,36 @@ def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     torch.load(ckpt.find_last(str(work)), weights_only=False)  # still loads
     ckpt.rotate(str(work), 2)
     assert not list(work.glob("*.tmp*"))
+
+
+def test_rotation_keeps_the_new_checkpoint_beside_older_higher_steps(tmp_path):
+    """A fresh run in a work dir holding iter_400/iter_500 of an earlier, longer run."""
+    from packtune.recipe import checkpoint as ckpt
+
+    work = str(tmp_path)
+    for step in (400, 500):
+        ckpt.atomic_torch_save({}, ckpt.checkpoint_path(work, step))
+    for step in (100, 200):
+        path = ckpt.checkpoint_path(work, step)
+        ckpt.atomic_torch_save({}, path)
+        ckpt.mark_last(work, path)
+        ckpt.rotate(work, 2)
+        assert ckpt.find_last(work) == path
+    assert sorted(p.name for p in tmp_path.glob("iter_*.pth")) == ["iter_200.pth", "iter_500.pth"]
+    ckpt.rotate(work, 1)
+    assert [p.name for p in tmp_path.glob("iter_*.pth")] == ["iter_200.pth"]
+
+
+def test_resume_at_the_last_step_repeats_nothing(tmp_path):
+    work = tmp_path / "work"
+    options = ("max_steps=2", "save_steps=1", "evaluation_inputs=['What sound does a cow make?']", "max_new_tokens=2")
+    assert _train(work, *options) == 0
+    saved = (work / "iter_2.pth").stat().st_mtime_ns
+    assert _train(work, *options, extra=("--resume", "auto")) == 0
+    assert (work / "iter_2.pth").stat().st_mtime_ns == saved
+    assert [r["step"] for r in _metrics(work)] == [1, 2]
+    evals = [json.loads(line)["step"] for line in (work / "eval.jsonl").read_text().splitlines()]
+    assert evals == [2]  # the final evaluation is redone, not appended a second time
 
 
 def _nan_from_step(monkeypatch, bad_step: int):
@@ -217,6 +249,38 @@ def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
     assert code == 2
     assert "did you mean `batch_size`" in err and "pack_to_max_length" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_fp16_loss_scale_overflow_is_skipped_not_an_error(tmp_path, monkeypatch):
+    """A GradScaler (CUDA fp16) whose scale overflows skips the step; on_nonfinite_loss='error'
+    must not stop the run for it. Simulated on the CPU with a scale that overflows at once."""
+    from packtune.recipe import engine
+
+    real_init = engine.PlainEngine.__init__
+
+    def with_scaler(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        # Step 1 overflows; the backoff then lowers the scale to 2**7, which fits.
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127, backoff_factor=2.0**-120)
+
+    monkeypatch.setattr(engine.PlainEngine, "__init__", with_scaler)
+    work = tmp_path / "work"
+    assert _train(work, "max_steps=3", "save_steps=100", "evaluation_inputs=[]") == 0
+    rows = _metrics(work)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert not math.isfinite(rows[0]["grad_norm"]) and math.isfinite(rows[-1]["grad_norm"])
+    state = _state(work / "iter_3.pth")
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_data_errors_are_one_line_exit_2(tmp_path, capsys):
+    code = _train(tmp_path / "w1", f"dataset={str(tmp_path / 'missing.jsonl')!r}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no such file" in err[0] and "--debug" not in err[0]
+    (tmp_path / "empty.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n')
+    code = _train(tmp_path / "w2", f"dataset={str(tmp_path / 'empty.jsonl')!r}", "max_length=2")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no trainable samples" in err[0] and "1 rows read" in err[0], err
 
 
 def test_missing_resume_checkpoint_is_one_line(tmp_path, capsys):

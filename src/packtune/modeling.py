@@ -5,7 +5,7 @@ cache off for training. ``check_no_leak`` then runs one tiny packed row through 
 and compares the second document's logits with those of the same document run alone: any
 attention (or other layer) that lets tokens of one sample see another shows up as a
 difference, and training is refused (``LeakError``) rather than silently wrong. The check
-costs one forward pass over 12 tokens.
+costs two tiny forward passes (the 12-token packed row, and its 4-token document alone).
 """
 
 from __future__ import annotations

@@ -34,27 +34,30 @@ ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
 
 
+def _document_starts(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """``(rows, length)`` booleans: where a document starts (a row's start, or a position
+    that is not the previous one plus one)."""
+    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    return starts
+
+
 def cu_seqlens_from_position_ids(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
     """Document starts of ``rows`` flattened rows, from positions that restart.
 
     >>> cu_seqlens_from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0]]), rows=1).tolist()
     [0, 3, 5, 6]
     """
-    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
-    length = pos.shape[1]
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    starts = _document_starts(position_ids, rows)
     idx = starts.reshape(-1).nonzero().view(-1)
-    total = torch.tensor([rows * length], device=idx.device, dtype=idx.dtype)
+    total = torch.tensor([starts.numel()], device=idx.device, dtype=idx.dtype)
     return torch.cat([idx, total]).to(torch.int32)
 
 
 def _document_ids(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
     """``(rows, length)`` index of the document each token belongs to (for dense masks)."""
-    pos = position_ids.expand(rows, -1) if position_ids.shape[0] != rows else position_ids
-    starts = torch.ones_like(pos, dtype=torch.bool)
-    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
-    return starts.long().cumsum(-1)
+    return _document_starts(position_ids, rows).long().cumsum(-1)
 
 
 def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--max-new-tokens must be >= 1")
     if not os.path.exists(args.model) and os.sep in args.model:
         raise CliError(f"no model folder at {args.model}")
+    from packtune.data import DataError
     from packtune.data.templates import check_template_name
     from packtune.recipe.evaluate import generate_reply
 
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_chat_model(args.model, args.device)
     except OSError as exc:
         raise CliError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from exc
+    except DataError as exc:  # the model loaded, its tokenizer did not
+        raise CliError(str(exc)) from exc
     history = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         print(generate_reply(model, tokenizer, history + [{"role": "user", "content": args.prompt}],

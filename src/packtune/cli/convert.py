@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                 safe_serialization=args.safe_serialization,
                 merge=args.merge,
             )
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # a mismatched checkpoint, a base model that cannot be loaded
             raise CliError(str(exc)) from exc
     else:
         if not os.path.isdir(args.adapter):

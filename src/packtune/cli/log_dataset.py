@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.show < 0:
         raise CliError(f"--show must be >= 0, got {args.show}")
+    if args.max_chars is not None and args.max_chars < 1:
+        raise CliError(f"--max-chars must be >= 1, got {args.max_chars}")
     settings = load_settings(args.config, list(getattr(args, "cfg_options", None) or []))
     name = getattr(settings, "tokenizer_name_or_path", None) or getattr(settings, "pretrained_model_name_or_path", None)
     if not name:

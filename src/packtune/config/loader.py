@@ -37,7 +37,7 @@ def closest_configs(name: str, n: int = 3) -> list[str]:
     """Built-in config names nearest to ``name``: those containing all its parts, then difflib."""
     names = list_configs()
     parts = [p for p in name.lower().replace("-", "_").split("_") if p]
-    containing = [c for c in names if parts and all(p in c.split("_") or p in c for p in parts)]
+    containing = [c for c in names if parts and all(p in c for p in parts)]
     fuzzy = difflib.get_close_matches(name.lower(), names, n=n, cutoff=0.5)
     out = []
     for c in [*containing, *fuzzy]:
@@ -188,7 +188,7 @@ def format_value(value: Any) -> str:
 def settings_to_source(settings: Settings, title: str = "") -> str:
     """A complete config file for ``settings``, in the five-part layout; loads back equal.
 
-    Used to record the exact settings of a run next to its checkpoints.
+    For example from the ``settings`` a checkpoint's meta records (``settings_to_dict``).
     """
     lines = [f'"""{title}"""' if title else '"""Settings of a packtune run (every setting, defaults included)."""', ""]
     by_part: dict[int, list[dataclasses.Field]] = {}

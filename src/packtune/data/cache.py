@@ -67,6 +67,7 @@ class DataCache:
     def save(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> Path | None:
         """Write an entry atomically; warn (and return ``None``) when the folder is not writable."""
         folder = self.path(kind, key)
+        tmp = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{kind}-{key}-", dir=self.dir))
@@ -81,6 +82,8 @@ class DataCache:
                 shutil.rmtree(tmp, ignore_errors=True)
             return folder
         except OSError as exc:
+            if tmp is not None:  # a disk that filled up mid-write: leave no partial entry behind
+                shutil.rmtree(tmp, ignore_errors=True)
             warnings.warn(f"could not write the data cache in {self.dir} ({exc}); continuing without it", stacklevel=2)
             return None
 

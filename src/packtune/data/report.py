@@ -70,9 +70,9 @@ class DataReport:
         return sum(self.dropped.values())
 
     def check(self) -> None:
-        """Raise ``AssertionError`` when the counts do not add up."""
-        assert self.samples_read == self.kept + self.skipped_total, self
-        assert self.kept == self.packed + self.dropped_total, self
+        """Raise ``AssertionError`` when the counts do not add up (also under ``python -O``)."""
+        if self.samples_read != self.kept + self.skipped_total or self.kept != self.packed + self.dropped_total:
+            raise AssertionError(f"the data report's counts do not add up: {self}")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

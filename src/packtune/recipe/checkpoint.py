@@ -38,25 +38,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj, path: str) -> None:
-    """``torch.save`` to ``path`` so that readers only ever see a complete file."""
+def _atomic_write(path: str, mode: str, write) -> None:
+    """``write(f)`` into a temporary file, fsynced, then renamed to ``path``."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """``torch.save`` to ``path`` so that readers only ever see a complete file."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """Write ``text`` to ``path`` so that readers only ever see the whole of it."""
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def checkpoint_path(work_dir: str, step: int) -> str:
@@ -67,14 +67,22 @@ def mark_last(work_dir: str, path: str) -> None:
     atomic_write_text(os.path.join(work_dir, LAST), os.path.abspath(path) + "\n")
 
 
-def find_last(work_dir: str) -> str | None:
-    """The newest complete checkpoint of ``work_dir``, or ``None``."""
+def _pointed(work_dir: str) -> str | None:
+    """The path ``last_checkpoint`` holds (existing or not), or ``None`` without a pointer."""
     pointer = os.path.join(work_dir, LAST)
     if not os.path.exists(pointer):
         return None
     with open(pointer) as f:
-        path = f.read().strip()
+        return f.read().strip()
+
+
+def find_last(work_dir: str) -> str | None:
+    """The newest complete checkpoint of ``work_dir``, or ``None``."""
+    path = _pointed(work_dir)
+    if path is None:
+        return None
     if not os.path.exists(path):
+        pointer = os.path.join(work_dir, LAST)
         raise FileNotFoundError(f"{pointer} points to {path}, which does not exist")
     return path
 
@@ -85,9 +93,20 @@ def _step_of(path: str) -> int:
 
 
 def rotate(work_dir: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` checkpoints (and stale temporaries); returns the deleted."""
+    """Delete all but ``keep`` checkpoints (``<= 0``: keep all) and stale temporaries;
+    returns the deleted.
+
+    The one ``last_checkpoint`` points to is always kept, with the ``keep - 1`` highest-step
+    others: a fresh run in a work dir that still holds higher-step checkpoints of an earlier
+    run must not delete the checkpoint it has just written.
+    """
     found = sorted(glob.glob(os.path.join(work_dir, "iter_*.pth")), key=_step_of)
-    doomed = found[:-keep] if keep > 0 else []
+    doomed: list[str] = []
+    if keep > 0:
+        last = _pointed(work_dir)
+        others = [p for p in found if os.path.abspath(p) != last]
+        keep_others = keep - (len(found) - len(others))
+        doomed = others[:-keep_others] if keep_others > 0 else others
     doomed += glob.glob(os.path.join(work_dir, "iter_*.pth.tmp*"))
     for path in doomed:
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)

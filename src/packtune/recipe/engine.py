@@ -3,8 +3,10 @@
 Every engine offers the same few operations the recipe uses: ``model`` (call forward on it),
 ``accumulate(last)``, ``backward(loss)``, ``step()`` (clip, update, schedule; returns the
 gradient norm), ``all_reduce_sum``, ``lr``, ``save(path)``/``load(path)`` and
-``unwrapped()``. ``PlainEngine`` is one process; ``DDPEngine`` adds PyTorch DDP. FSDP2 and
-DeepSpeed live in ``engine_fsdp.py`` and ``engine_deepspeed.py``.
+``unwrapped()``, and ``loss_scaling`` (fp16 dynamic loss scaling: a step with a non-finite
+gradient norm is an overflow the engine has already skipped). ``PlainEngine`` is one
+process; ``DDPEngine`` adds PyTorch DDP. FSDP2 and DeepSpeed live in ``engine_fsdp.py`` and
+``engine_deepspeed.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 
     >>> f = lr_lambda(10, 0.2)
     >>> [round(f(s), 3) for s in (0, 1, 2, 6, 9)]
-    [0.5, 1.0, 1.0, 0.5, 0.03]
+    [0.5, 1.0, 1.0, 0.5, 0.038]
     """
     warmup = math.ceil(warmup_ratio * total_steps)
 
@@ -79,6 +81,10 @@ class PlainEngine:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))
         use_scaler = compute_dtype == torch.float16 and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.scaler is not None
 
     @property
     def world_size(self) -> int:

@@ -233,6 +233,7 @@ class DeepSpeedEngine:
         self.stage = zero_stage(self.config)
         # DeepSpeed's fp16/bf16 optimizers check overflow and compute the norm themselves.
         self._half = bool(self.config["fp16"]["enabled"] or self.config["bf16"]["enabled"])
+        self.loss_scaling = bool(self.config["fp16"]["enabled"])
         # Names as the unwrapped model's state_dict has them: what a converted checkpoint holds.
         self.state_keys = list(model.state_dict().keys())
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -58,6 +58,7 @@ class FSDPEngine:
     """FSDP2 over all ranks; see the module docs."""
 
     name = "fsdp"
+    loss_scaling = False  # a half compute dtype casts parameters; there is no loss scaler
 
     def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
         from torch.distributed.device_mesh import init_device_mesh

@@ -29,8 +29,10 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(work_dir, exist_ok=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            _keep_until(os.path.join(work_dir, name), start_step)
+        _keep_until(self.path, start_step)
+        # An evaluation at step s runs before the save at s, except the final one, which runs
+        # after the last save: a run resumed at its last step redoes it, so drop the old one.
+        _keep_until(os.path.join(work_dir, "eval.jsonl"), start_step if start_step < total_steps else start_step - 1)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -87,7 +89,8 @@ def _keep_until(path: str, step: int) -> None:
     """Drop log lines after ``step``: a resumed run re-logs the steps a kill interrupted."""
     if not os.path.exists(path):
         return
-    kept = [line for line in open(path) if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     with open(path, "w") as f:
         f.writelines(kept)
 
@@ -101,7 +104,8 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> str | None:
     """Loss (and learning rate) against step, from ``metrics.jsonl``."""
     if not os.path.exists(metrics_path):
         return None
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
     rows = [r for r in rows if "loss" in r]
     if not rows:
         return None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from packtune.loss import target_weights, weighted_loss_sum
+from packtune.loss import target_weights, weight_total, weighted_loss_sum
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
 
@@ -92,18 +92,18 @@ def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, com
     device = micro_batches[0].input_ids.device
     local = torch.zeros(3, dtype=torch.float64, device=device)
     for mb in micro_batches:
-        local[0] += target_weights(mb.labels, mb.cu_seqlens, reduction)[1].sum().double()
+        local[0] += weight_total(mb.labels, mb.cu_seqlens, reduction)
         local[1] += mb.num_tokens
-        local[2] += (mb.labels[:, 1:] != -100).sum()
-    weight_total, tokens, trained = (float(x) for x in engine.all_reduce_sum(local))
+        local[2] += (mb.labels[:, 1:] != IGNORE_INDEX).sum()
+    total, tokens, trained = (float(x) for x in engine.all_reduce_sum(local))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
         with engine.accumulate(last=i == len(micro_batches) - 1):
             part, _ = forward_loss_sum(engine.model, mb, reduction, compute_dtype)
             # A step with nothing to train still runs backward (every rank must join the
             # gradient sync) but with a zero loss.
-            scale = engine.world_size / weight_total if weight_total > 0 else 0.0
+            scale = engine.world_size / total if total > 0 else 0.0
             engine.backward(part * scale)
         loss_sum += part.detach().double()
-    loss = float(engine.all_reduce_sum(loss_sum)) / weight_total if weight_total > 0 else 0.0
-    return StepResult(loss=loss, weight_total=weight_total, tokens=int(tokens), trained_tokens=int(trained))
+    loss = float(engine.all_reduce_sum(loss_sum)) / total if total > 0 else 0.0
+    return StepResult(loss=loss, weight_total=total, tokens=int(tokens), trained_tokens=int(trained))

@@ -22,7 +22,7 @@ import torch
 
 from packtune import __version__
 from packtune.config import settings_to_dict
-from packtune.data import DataOptions, build_dataset, load_tokenizer
+from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
 from packtune.distributed import DistEnv, cleanup, init_distributed
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.recipe import checkpoint as ckpt
@@ -176,7 +176,9 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dataset = _prepare_data(settings, tokenizer, env)
     if len(dataset) == 0:
-        raise ValueError("the dataset has no trainable samples after filtering (see the data report)")
+        r = dataset.report
+        raise DataError(f"the dataset has no trainable samples: {r.samples_read} rows read, skipped {r.skipped or 0}, "
+                        f"dropped {r.dropped or 0} (packtune log-dataset CONFIG shows the full report)")
     dtype = compute_dtype(settings.dtype, env.device)
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
     model = build_model(settings, env.device, dtype)
@@ -213,7 +215,10 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
         batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
         result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype)
         grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
-        if not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
+        if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
+            # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.
+            log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step + 1)
+        elif not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
             what = f"non-finite {'loss' if not math.isfinite(result.loss) else 'gradient norm'} at step {step + 1} (packs {plan.step_packs(step)})"
             if settings.on_nonfinite_loss == "error":
                 raise NonFiniteLossError(what + "; set on_nonfinite_loss = 'skip' to skip such steps")

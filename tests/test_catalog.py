@@ -125,3 +125,9 @@ def test_choices_match_the_implementation():
     assert set(S.ATTN_BACKENDS) == set(BACKENDS)
     assert set(S.PACK_STRATEGIES) <= set(MODES)
     assert set(S.OVERFLOW_POLICIES) == set(OVERFLOW)
+    from packtune.data import FORMAT_NAMES, TEMPLATE_NAMES
+    from packtune.loss import REDUCTIONS
+
+    assert set(S.PROMPT_TEMPLATES) == set(TEMPLATE_NAMES)
+    assert set(S.DATASET_FORMATS) == set(FORMAT_NAMES)
+    assert set(S.LOSS_REDUCTIONS) == set(REDUCTIONS)

@@ -137,7 +137,7 @@ def load_settings_from_dict(raw):
      "did you mean 'flash_attn'?"),
     (dict(dataset_format="ShareGPT"), "`dataset_format` must be one of 'auto', 'alpaca', 'sharegpt', 'messages', 'oasst1', 'text'",
      "did you mean 'sharegpt'?"),
-    (dict(prompt_template="llama3"), "`prompt_template` must be one of 'auto', 'default', 'chatml'", "did you mean 'llama3_chat'?"),
+    (dict(prompt_template="llama3"), "`prompt_template` must be one of 'auto', 'tokenizer', 'default', 'chatml'", "did you mean 'llama3_chat'?"),
     (dict(pack_strategy="bdf"), "`pack_strategy` must be one of 'bfd', 'sequential', 'concat'", "did you mean 'bfd'?"),
     (dict(overflow="cut"), "`overflow` must be one of 'truncate', 'drop', 'error'", "e.g. `overflow = 'truncate'`"),
     (dict(on_bad_row="warn"), "`on_bad_row` must be one of 'skip', 'error'", "e.g. `on_bad_row = 'skip'`"),

@@ -29,8 +29,8 @@ EXPECTED = {
     "sharegpt.json": ("sharegpt", 10, 3, {"ends_with_user": 1, "empty_reply": 1, "unknown_role": 1,
                                           "non_string_content": 1, "no_turns": 1, "missing_field": 1,
                                           "ends_with_tool": 1}),
-    "messages.jsonl": ("messages", 6, 2, {"non_string_content": 1, "ends_with_user": 1, "missing_field": 1,
-                                          "unknown_role": 1}),
+    "messages.jsonl": ("messages", 7, 2, {"non_string_content": 1, "ends_with_user": 1, "missing_field": 1,
+                                          "unknown_role": 1, "no_reply": 1}),
     "oasst1.jsonl": ("oasst1", 7, 2, {"ends_with_user": 1, "no_turns": 1, "non_string_content": 1,
                                       "missing_field": 1, "empty_reply": 1}),
     "text.jsonl": ("text", 4, 2, {"empty_text": 1, "missing_field": 1}),
@@ -225,10 +225,10 @@ def test_hub_dataset_through_load_dataset(tok, tmp_path, monkeypatch):
 def test_batches_never_span_parts_and_keep_line_numbers():
     parts = resolve([str(FIXTURES / "messages.jsonl"), str(FIXTURES / "oasst1.jsonl")])
     batches = list(iter_batches(parts, ["messages", "oasst1"], "train", None, batch_size=4))
-    assert [len(b.items) for b in batches] == [4, 2, 4, 3]
-    assert batches[1].lines == [6, 7]  # line 5 is blank
+    assert [len(b.items) for b in batches] == [4, 3, 4, 3]
+    assert batches[1].lines == [6, 7, 8]  # line 5 is blank
     assert batches[1].location(0).endswith("messages.jsonl, line 6")
-    assert [b.start for b in batches] == [0, 4, 6, 10]
+    assert [b.start for b in batches] == [0, 4, 7, 11]
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64, 1 << 20])

@@ -115,7 +115,7 @@ def chat_tok(tok):
 
 def test_every_builtin_template_is_tested():
     assert set(EXPECTED) == set(TEMPLATES) == set(PROMPTS)
-    assert TEMPLATE_NAMES == ("auto", *TEMPLATES)
+    assert TEMPLATE_NAMES == ("auto", "tokenizer", *TEMPLATES)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -175,9 +175,9 @@ def test_tool_results_are_context():
 
 
 def test_unknown_template_lists_the_known_ones(tok, tmp_path):
-    with pytest.raises(ValueError, match="unknown prompt_template 'chatgpt'; known: auto, default, chatml"):
+    with pytest.raises(ValueError, match="unknown prompt_template 'chatgpt'; known: auto, tokenizer, default, chatml"):
         get_template("chatgpt", tok)
-    with pytest.raises(DataError, match="known: auto, default, chatml, qwen_chat"):
+    with pytest.raises(DataError, match="known: auto, tokenizer, default, chatml, qwen_chat"):
         build_dataset(DataOptions(dataset="x.jsonl", prompt_template="chatgpt", data_cache_dir=str(tmp_path)), tok)
 
 

@@ -121,9 +121,23 @@ def test_gpt_bigcode_position_ids_only_needs_enable_varlen():
 
 
 @pytest.mark.parametrize("model_type", ["gpt_bigcode", "llama", "gemma2"])
-def test_enable_varlen_derives_boundaries_from_position_ids_once(model_type):
-    """enable_varlen's hook turns restarting position_ids into cu_seq_lens for every family."""
+def test_enable_varlen_derives_boundaries_from_position_ids_once(model_type, monkeypatch):
+    """enable_varlen's hook turns restarting position_ids into cu_seq_lens for every family,
+    once per forward (not once per layer)."""
+    import packtune.attention.hf as hf
+    import packtune.modeling as modeling
+
+    calls = []
+    real = hf.cu_seqlens_from_position_ids
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "cu_seqlens_from_position_ids", counted)
+    monkeypatch.setattr(modeling, "cu_seqlens_from_position_ids", counted)
     _run_equivalence(model_type, with_cu=False, enable=True)
+    assert len(calls) == 1  # one packed forward; the per-document references use eager
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral"], ids=["llama", "mistral"])

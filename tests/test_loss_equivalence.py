@@ -130,3 +130,29 @@ def test_reductions_weigh_samples_as_documented():
     assert square.tolist() == pytest.approx([1, 0, 3**-0.5, 3**-0.5, 3**-0.5, 0])
     with pytest.raises(ValueError, match="unknown loss_reduction 'mean'"):
         target_weights(labels, cu, "mean")
+
+
+def test_logits_are_computed_only_at_trained_positions(models):
+    """The vocabulary projection runs on trained positions only, with the same loss."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAMILIES, tiny_config
+    from packtune.loss import weighted_loss_sum
+    from packtune.recipe.step import _takes_mask, forward_loss_sum
+
+    for family in FAMILIES:  # every family of the equivalence tests takes the mask
+        assert _takes_mask(type(AutoModelForCausalLM.from_config(tiny_config(family)))), family
+    varlen, _ = models
+    samples = _samples(seed=3)
+    layout, _ = layout_packs(samples, 32, "bfd")
+    batch = collate_varlen([get_pack(samples, layout, p) for p in range(len(layout))])
+    targets, weights = target_weights(batch.labels, batch.cu_seqlens, "token")
+    seen = []
+    hook = varlen.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    try:
+        kept = forward_loss_sum(varlen, batch, targets, weights)
+    finally:
+        hook.remove()
+    full = weighted_loss_sum(varlen(**batch.model_inputs()).logits, targets, weights)
+    assert seen[0][-2] == int((targets != -100).sum()) < batch.input_ids.numel()
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)

@@ -332,3 +332,16 @@ def test_qlora_on_cpu_is_one_clear_line(tmp_path, pretrained_folder, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "QLoRA" in err[0] and "CUDA" in err[0]
+
+
+def test_resume_from_another_engines_checkpoint_is_one_line(tmp_path, capsys):
+    from packtune.recipe import sharded
+
+    folder = tmp_path / "iter_2.pth"
+    folder.mkdir()
+    sharded.write_info(str(folder), engine="fsdp", full_state=True, state_keys=[], trainable=[], meta={"step": 2})
+    code = main(["train", "tiny_mistral_full_demo", "--work-dir", str(tmp_path / "w"), "--resume", str(folder),
+                 "--cfg-options", *BASE, "max_steps=3"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading" not in line]
+    assert code == 2 and len(err) == 1, err
+    assert "written by fsdp" in err[0] and "this run uses single" in err[0]

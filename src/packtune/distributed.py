@@ -90,11 +90,12 @@ def first_host(nodelist: str) -> str:
     >>> first_host("node1,node2")
     'node1'
     """
-    head = nodelist.strip().split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    return prefix + rest.split("]", 1)[0].split(",")[0].split("-")[0]
+    nodelist = nodelist.strip()
+    first_comma, first_bracket = nodelist.find(","), nodelist.find("[")
+    if first_bracket < 0 or 0 <= first_comma < first_bracket:
+        return nodelist.split(",")[0]  # the first entry is a plain host name
+    prefix, ranges = nodelist[:first_bracket], nodelist[first_bracket + 1 :]
+    return prefix + ranges.split("]")[0].split(",")[0].split("-")[0]
 
 
 def _slurm_master(environ=None) -> str:

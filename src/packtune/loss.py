@@ -14,7 +14,7 @@ Every trained target gets a weight, and the loss of an optimizer step is
 
 Both numerator and denominator are sums over samples, so the result is the same however the
 samples were grouped into packs, rows, micro-batches or ranks. The denominator is known from
-the labels alone (``weight_total``), before any forward pass, which is what lets a training
+the labels alone (the sum of ``target_weights``), before any forward pass, which is what lets a training
 step normalise every micro-batch by the *global* total (see ``recipe``).
 
 Targets are the labels shifted by one inside each row (position ``t`` predicts label
@@ -62,11 +62,6 @@ def target_weights(labels: torch.Tensor, cu_seqlens: torch.Tensor, reduction: st
     if reduction == "square":
         per_doc = per_doc.sqrt()
     return targets, weights * per_doc[doc]
-
-
-def weight_total(labels: torch.Tensor, cu_seqlens: torch.Tensor, reduction: str = "token") -> float:
-    """The denominator contribution of one micro-batch: the sum of its target weights."""
-    return float(target_weights(labels, cu_seqlens, reduction)[1].sum())
 
 
 def weighted_loss_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

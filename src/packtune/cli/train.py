@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
     from packtune.data import DataError
     from packtune.modeling import LeakError
+    from packtune.recipe.engine import CheckpointMismatch
     from packtune.recipe.model_setup import SetupError
     from packtune.recipe.train import RunOptions, train
 
@@ -74,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         summary = train(settings, opts)
-    except (SetupError, LeakError, DataError, FileNotFoundError) as exc:
+    except (SetupError, LeakError, DataError, CheckpointMismatch, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     if summary.get("checkpoint") and os.environ.get("RANK", "0") == "0":  # once, not per rank
         print(f"checkpoint: {summary['checkpoint']}")

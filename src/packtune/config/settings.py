@@ -16,7 +16,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attn", "torch")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text")
 PROMPT_TEMPLATES = (
-    "auto", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
+    "auto", "tokenizer", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
     "internlm2_chat", "gemma", "deepseek", "yi", "vicuna",
 )
 PACK_STRATEGIES = ("bfd", "sequential", "concat")

@@ -49,6 +49,7 @@ BAD_ROW_REASONS: dict[str, str] = {
     "empty_reply": "an assistant reply is empty",
     "ends_with_user": "the conversation ends with the user (no reply to train on)",
     "ends_with_tool": "the conversation ends with a tool result (no reply to train on)",
+    "no_reply": "the conversation is only a system prompt (no reply to train on)",
     "no_turns": "the conversation has no messages",
     "unknown_role": "a message has a role the format does not know",
     "empty_text": "the text is empty",
@@ -140,7 +141,7 @@ def _finish(messages: list[dict[str, str]], tools: Any = None) -> Conversation |
     if last == "tool":
         return BadRow("ends_with_tool", "the last message is a tool result")
     if last == "system":
-        return BadRow("ends_with_user", "the conversation has no reply after its system prompt")
+        return BadRow("no_reply", "the conversation has no reply after its system prompt")
     if tools is not None and not isinstance(tools, str):
         tools = json.dumps(tools, ensure_ascii=False)
     if tools is not None and tools.strip() in ("", "[]", "{}", "null"):

@@ -186,12 +186,12 @@ _SPECS = [
 #: Built-in templates by name.
 TEMPLATES: dict[str, TemplateSpec] = {spec.name: spec for spec in _SPECS}
 #: Every name ``prompt_template`` accepts.
-TEMPLATE_NAMES: tuple[str, ...] = ("auto", *TEMPLATES)
+TEMPLATE_NAMES: tuple[str, ...] = ("auto", "tokenizer", *TEMPLATES)
 
 
 def check_template_name(name: str) -> None:
     """Raise ``ValueError`` listing the known names when ``name`` is not one."""
-    if name not in TEMPLATE_NAMES and name != "tokenizer":
+    if name not in TEMPLATE_NAMES:
         raise DataError(f"unknown prompt_template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
 
 

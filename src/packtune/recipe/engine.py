@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -67,7 +68,66 @@ def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
     return float(total)
 
 
-class PlainEngine:
+class Engine:
+    """What every engine shares. Subclasses set ``env``, ``model``, ``optimizer`` and
+    ``scheduler`` and implement ``accumulate``, ``backward``, ``step``, ``save`` and ``load``."""
+
+    name = "base"
+    #: Whether a non-finite gradient norm can be a loss-scale overflow (fp16), which the
+    #: engine skips on its own, rather than a real divergence.
+    loss_scaling = False
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    def unwrapped(self) -> torch.nn.Module:
+        """The model without engine wrappers (a PEFT model stays a PEFT model)."""
+        return self.model
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unwrapped().parameters() if p.requires_grad]
+
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` summed over every rank (itself on one process)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return value
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients (non-finite loss); the schedule still advances."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def not_my_checkpoint(path: str, engine: str) -> CheckpointMismatch:
+    """The error for resuming ``engine`` from a checkpoint written by another engine."""
+    from packtune.recipe import sharded
+
+    writer = "one process or DDP (a file)"
+    if os.path.isdir(path):
+        writer = sharded.read_info(path).get("engine") or "an unknown engine (a folder)"
+    return CheckpointMismatch(
+        f"{path} was written by {writer}, and this run uses {engine}: resume with the engine "
+        "and number of processes that wrote it, or convert it (packtune convert pth_to_hf) and start from that"
+    )
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint cannot be resumed by this engine."""
+
+
+class PlainEngine(Engine):
     """One process: AdamW, warmup + cosine, clipping, fp16 loss scaling on CUDA."""
 
     name = "single"
@@ -86,24 +146,11 @@ class PlainEngine:
     def loss_scaling(self) -> bool:
         return self.scaler is not None
 
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
-
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model
-
     def accumulate(self, last: bool):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self) -> float:
         """Clip, update, advance the schedule, clear gradients; returns the pre-clip norm.
@@ -112,12 +159,11 @@ class PlainEngine:
         own overflow steps)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = self.trainable()
-        norm = clip_gradients(params, self.max_norm)
+        norm = clip_gradients(self.trainable(), self.max_norm)
         if not self.scaler and not math.isfinite(norm):
             # NaN/inf gradients would poison the weights: leave them as they are.
             self.skip_step()
-            return float(norm)
+            return norm
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -126,15 +172,6 @@ class PlainEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def skip_step(self) -> None:
-        """Drop this step's gradients (non-finite loss); the schedule still advances."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -156,6 +193,8 @@ class PlainEngine:
         self.barrier()
 
     def load(self, path: str) -> dict:
+        if os.path.isdir(path):
+            raise not_my_checkpoint(path, f"{self.name} ({self.world_size} process{'es' if self.world_size > 1 else ''})")
         state = torch.load(path, map_location="cpu", weights_only=False)
         ckpt.load_trainable_state(self.unwrapped(), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -164,10 +203,6 @@ class PlainEngine:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_states(state["rng"], self.env)
         return state["meta"]
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
 
 
 class DDPEngine(PlainEngine):
@@ -187,11 +222,6 @@ class DDPEngine(PlainEngine):
 
     def accumulate(self, last: bool):
         return contextlib.nullcontext() if last else self.model.no_sync()
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
 
 
 def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None):

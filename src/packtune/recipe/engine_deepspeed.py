@@ -44,12 +44,11 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from packtune.distributed import DistEnv, ensure_process_group
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
-from packtune.recipe.engine import build_optimizer, lr_lambda
+from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 log = logging.getLogger("packtune")
 
@@ -210,7 +209,7 @@ def _skip_cpu_shm_op() -> None:
         pass
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` with packtune's optimizer and schedule; see the module docs."""
 
     name = "deepspeed"
@@ -246,10 +245,6 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
 
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
-
     def unwrapped(self) -> torch.nn.Module:
         return self.model.module
 
@@ -262,14 +257,8 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        if dist.is_initialized():
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
-
     def _local_grad_norm(self) -> float:
-        grads = [p.grad for p in self.unwrapped().parameters() if p.requires_grad and p.grad is not None]
+        grads = [p.grad for p in self.trainable() if p.grad is not None]
         if not grads:
             return 0.0
         return float(torch.nn.utils.get_total_norm(grads, 2.0))
@@ -340,8 +329,8 @@ class DeepSpeedEngine:
                 )
 
     def load(self, path: str) -> dict:
-        if not os.path.isdir(path):
-            raise ValueError(f"{path} is not a DeepSpeed checkpoint folder; resume a --deepspeed run from one of its own checkpoints")
+        if not os.path.isdir(path) or sharded.read_info(path).get("engine") != "deepspeed":
+            raise not_my_checkpoint(path, "deepspeed")
         loaded, client = self.model.load_checkpoint(
             path,
             tag=sharded.DEEPSPEED_TAG,
@@ -353,7 +342,3 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
         ckpt.restore_rng_states(client["packtune_rng"], self.env)
         return client["packtune_meta"]
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()

@@ -26,12 +26,11 @@ import math
 import os
 
 import torch
-import torch.distributed as dist
 
 from packtune.distributed import DistEnv
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
-from packtune.recipe.engine import build_optimizer, lr_lambda
+from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 
 def _inner(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,7 +53,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     """FSDP2 over all ranks; see the module docs."""
 
     name = "fsdp"
@@ -87,13 +86,6 @@ class FSDPEngine:
         self.optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))
 
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
-
-    def unwrapped(self) -> torch.nn.Module:
-        return self.model
-
     @contextlib.contextmanager
     def accumulate(self, last: bool):
         self.root.set_requires_gradient_sync(last)
@@ -104,14 +96,6 @@ class FSDPEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        return value
-
-    def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
 
     def step(self) -> float:
         """Clip (global norm over every shard), update, schedule, clear; returns the norm."""
@@ -127,14 +111,6 @@ class FSDPEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    @property
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -177,7 +153,7 @@ class FSDPEngine:
         )
 
         if not os.path.isdir(path) or sharded.read_info(path).get("engine") != "fsdp":
-            raise ValueError(f"{path} is not an FSDP2 checkpoint folder; resume an --fsdp run from one of its own checkpoints")
+            raise not_my_checkpoint(path, "fsdp")
         model_state = get_model_state_dict(self.model, options=self._options())
         dcp.load(model_state, checkpoint_id=os.path.join(path, sharded.FSDP_MODEL))
         set_model_state_dict(self.model, model_state, options=self._options(loading=True))
@@ -188,6 +164,3 @@ class FSDPEngine:
         self.scheduler.load_state_dict(extra["scheduler"])
         ckpt.restore_rng_states(extra["rng"], self.env)
         return extra["meta"]
-
-    def barrier(self) -> None:
-        dist.barrier()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from packtune.loss import target_weights, weight_total, weighted_loss_sum
+from packtune.loss import target_weights, weighted_loss_sum
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
 
@@ -52,22 +52,36 @@ def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
 
 @functools.lru_cache(maxsize=None)
 def _takes_mask(model_class: type) -> bool:
-    """Whether the model's forward accepts a boolean ``logits_to_keep`` mask (transformers >= 5)."""
-    from transformers import modeling_utils
+    """Whether ``model_class`` slices its hidden states with a boolean ``logits_to_keep`` mask.
 
+    True when its forward takes ``logits_to_keep`` and hands it to transformers'
+    ``slice_logits_to_keep``, and that function (transformers >= 5) keeps exactly the masked
+    positions; older or custom model code gets full logits.
+    """
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
     if "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
         return False
-    slicer = getattr(modeling_utils, "slice_logits_to_keep", None)
-    return slicer is not None and "bool" in (slicer.__doc__ or "")
+    forward = inspect.unwrap(model_class.forward)  # past transformers' decorators
+    if getattr(forward, "__globals__", {}).get("slice_logits_to_keep") is not slice_logits_to_keep:
+        return False
+    try:
+        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
+    except Exception:  # an older transformers: integer counts and index tensors only
+        return False
+    return tuple(kept.shape) == (2, 1)
 
 
-def forward_loss_sum(model: torch.nn.Module, batch: Batch, reduction: str, compute_dtype: torch.dtype = torch.float32):
-    """``(sum(weight * ce), sum(weight))`` of one micro-batch; the first carries the graph.
+def forward_loss_sum(
+    model: torch.nn.Module, batch: Batch, targets: torch.Tensor, weights: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``sum(weight * cross_entropy)`` of one micro-batch (``target_weights`` of its labels).
 
     Logits are computed only where a target is trained (``logits_to_keep``): in chat data most
     tokens are prompt, and the vocabulary projection is the largest matmul of a small model.
     """
-    targets, weights = target_weights(batch.labels, batch.cu_seqlens, reduction)
     kwargs = {}
     if _takes_mask(type(_inner_model(model))):
         keep = (targets != IGNORE_INDEX).view(batch.labels.shape)
@@ -79,7 +93,12 @@ def forward_loss_sum(model: torch.nn.Module, batch: Batch, reduction: str, compu
         targets, weights = targets[flat], weights[flat]
     with autocast_context(batch.input_ids.device, compute_dtype):
         logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
-    return weighted_loss_sum(logits, targets, weights), weights.sum()
+    if logits.numel() != targets.numel() * logits.shape[-1]:
+        raise RuntimeError(
+            f"{type(_inner_model(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
+            f"{targets.numel()} targets: its logits_to_keep does not keep what was asked"
+        )
+    return weighted_loss_sum(logits, targets, weights)
 
 
 def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, compute_dtype: torch.dtype = torch.float32) -> StepResult:
@@ -90,16 +109,17 @@ def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, com
     and ``backward(loss)``. Engines average gradients over ranks, hence the ``world_size``.
     """
     device = micro_batches[0].input_ids.device
+    weighted = [target_weights(mb.labels, mb.cu_seqlens, reduction) for mb in micro_batches]
     local = torch.zeros(3, dtype=torch.float64, device=device)
-    for mb in micro_batches:
-        local[0] += weight_total(mb.labels, mb.cu_seqlens, reduction)
+    for mb, (_, weights) in zip(micro_batches, weighted):
+        local[0] += weights.sum().double()
         local[1] += mb.num_tokens
         local[2] += (mb.labels[:, 1:] != IGNORE_INDEX).sum()
     total, tokens, trained = (float(x) for x in engine.all_reduce_sum(local))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, mb in enumerate(micro_batches):
+    for i, (mb, (targets, weights)) in enumerate(zip(micro_batches, weighted)):
         with engine.accumulate(last=i == len(micro_batches) - 1):
-            part, _ = forward_loss_sum(engine.model, mb, reduction, compute_dtype)
+            part = forward_loss_sum(engine.model, mb, targets, weights, compute_dtype)
             # A step with nothing to train still runs backward (every rank must join the
             # gradient sync) but with a zero loss.
             scale = engine.world_size / total if total > 0 else 0.0

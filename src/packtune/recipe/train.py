@@ -8,6 +8,7 @@ only decides how gradients are synchronised and weights updated.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -201,6 +202,14 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
         if meta.get("global_packs") != plan.global_packs:
             log.warning("resuming with %s packs per step instead of %s: the data order differs from the original run", plan.global_packs, meta.get("global_packs"))
         log.info("resumed from %s at step %d", resume, start)
+    else:
+        earlier = sorted(glob.glob(os.path.join(opts.work_dir, "iter_*.pth")))
+        if earlier and env.is_main:
+            log.warning(
+                "%s already holds checkpoints of an earlier run (%s): starting from scratch beside them "
+                "(use --resume auto to continue that run, or another --work-dir)",
+                opts.work_dir, ", ".join(os.path.basename(p) for p in earlier[:3]),
+            )
     metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
     log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
 

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from packtune.attention.hf import BACKEND_ATTR
 from packtune.data import load_tokenizer
+from packtune.modeling import model_configs
 from packtune.recipe.checkpoint import load_trainable_state
 from packtune.recipe.model_setup import DTYPES, apply_lora, load_base_model
 
@@ -52,7 +53,7 @@ def _skeleton(settings) -> torch.nn.Module:
 
 def _clean_config(model: torch.nn.Module) -> None:
     """Make the saved config independent of packtune: stock attention, cache on."""
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+    for cfg in model_configs(model):
         if hasattr(cfg, BACKEND_ATTR):
             delattr(cfg, BACKEND_ATTR)
         cfg.use_cache = True

@@ -20,9 +20,26 @@ class LeakError(RuntimeError):
     """Tokens of one packed sample influence another: the model does not honour boundaries."""
 
 
-def _text_config(model: torch.nn.Module):
+def text_config(model: torch.nn.Module):
+    """The config of the language part (the model's own config for text-only models)."""
     cfg = model.config
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def model_configs(model: torch.nn.Module) -> list:
+    """The model's config and its text config, each once (they are often the same object)."""
+    return list({id(c): c for c in (model.config, text_config(model))}.values())
+
+
+def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under PEFT and engine (DDP, DeepSpeed) wrappers."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        else:
+            return model
 
 
 def _has_padding(mask) -> bool:
@@ -77,7 +94,7 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
                 f"{type(model).__name__} cannot use packtune's varlen attention ({exc}); "
                 "set use_varlen_attn = False and pack_to_max_length = False"
             ) from exc
-    for cfg in {id(c): c for c in (model.config, _text_config(model))}.values():
+    for cfg in model_configs(model):
         setattr(cfg, BACKEND_ATTR, backend)
         cfg.use_cache = False
     backbone = getattr(model, "base_model", None) or model
@@ -94,7 +111,7 @@ def check_no_leak(model: torch.nn.Module, lengths: tuple[int, int] = (8, 4), see
     The packed row is given in packtune's batch format (``position_ids`` and
     ``cu_seq_lens_q/k``), the one the training loop uses.
     """
-    cfg = _text_config(model)
+    cfg = text_config(model)
     first, second = lengths
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)

@@ -195,24 +195,28 @@ def _gather(x: torch.Tensor, row_map) -> torch.Tensor:
     return x if row_map.identity else RowGather.apply(x, row_map)
 
 
-def _bucket_math(qb, kb, vb, mask, scale, req, bias):
-    """Batched math attention for what SDPA cannot express (soft-capping, ALiBi)."""
-    n, heads, lq, dim = qb.shape
-    kv_heads = kb.shape[1]
-    qg = qb.float().view(n, kv_heads, heads // kv_heads, lq, dim)
-    s = torch.matmul(qg, kb.float().unsqueeze(2).transpose(-1, -2)) * scale
-    if req.softcap > 0:
-        s = req.softcap * torch.tanh(s / req.softcap)
+def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, bias=None):
+    """Batched fp32 math attention for what SDPA cannot express (soft-capping, ALiBi).
+
+    ``q`` ``(n, heads, lq, d)``, ``k``/``v`` ``(n, kv_heads, lk, d)`` (GQA without copying the
+    keys), ``mask`` a boolean broadcastable to ``(n, heads, lq, lk)`` with no all-False row.
+    """
+    n, heads, lq, dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.float().view(n, kv_heads, heads // kv_heads, lq, dim)
+    s = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     s = s.view(n, heads, lq, -1)
     if bias is not None:
         s = s + bias
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
-    if req.dropout_p > 0:
-        p = F.dropout(p, req.dropout_p)
-    out = torch.matmul(p.view(n, kv_heads, heads // kv_heads, lq, -1), vb.float().unsqueeze(2))
-    return out.view(n, heads, lq, -1).to(qb.dtype)
+    if dropout_p > 0:
+        p = F.dropout(p, dropout_p)
+    out = torch.matmul(p.view(n, kv_heads, heads // kv_heads, lq, -1), v.float().unsqueeze(2))
+    return out.view(n, heads, lq, -1).to(q.dtype)
 
 
 def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
@@ -232,7 +236,7 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
         qb, kb, vb = (x.view(b.n, -1, *x.shape[1:]).transpose(1, 2) for x in (qp, kp, vp))
         if needs_math:
             bias = _alibi_for_bucket(alibi, b, cu_q, cu_k) if alibi is not None else None
-            ob = _bucket_math(qb, kb, vb, mask, scale, req, bias)
+            ob = math_attention(qb, kb, vb, mask, scale, req.softcap, req.dropout_p, bias)
         else:
             ob = F.scaled_dot_product_attention(
                 qb,

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from packtune.attention.backends import math_attention
 from packtune.attention.varlen import varlen_attn_func
 
 ATTN_IMPLEMENTATION = "packtune_varlen"
@@ -79,14 +80,7 @@ def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
     seen = mask.any(-1, keepdim=True)
     mask = mask | ~seen
     if softcap:
-        groups = heads // key.shape[1]
-        k = key.repeat_interleave(groups, 1).float()
-        v = value.repeat_interleave(groups, 1).float()
-        s = torch.matmul(query.float(), k.transpose(-1, -2)) * scaling
-        s = softcap * torch.tanh(s / softcap)
-        p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
-        p = F.dropout(p, dropout) if dropout else p
-        out = torch.matmul(p, v).to(query.dtype)
+        out = math_attention(query, key, value, mask, scaling, softcap, dropout)
     else:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]

@@ -46,6 +46,7 @@ import os
 import torch
 
 from packtune.distributed import DistEnv, ensure_process_group
+from packtune.modeling import text_config
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
 from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
@@ -176,11 +177,9 @@ def zero_stage(config: dict) -> int:
 
 
 def _hidden_size(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "hidden_size", None)
+    return getattr(text_config(model), "hidden_size", None)
 
 
 def _launcher_variables(env: DistEnv) -> None:

@@ -28,21 +28,15 @@ import os
 import torch
 
 from packtune.distributed import DistEnv
+from packtune.modeling import transformers_model
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
 from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 
-def _inner(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper."""
-    while hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks of ``model`` (PEFT-wrapped or not), in order."""
-    names = set(getattr(_inner(model), "_no_split_modules", None) or [])
+    names = set(getattr(transformers_model(model), "_no_split_modules", None) or [])
     if names:
         layers = [m for m in model.modules() if type(m).__name__ in names]
         if layers:
@@ -80,7 +74,7 @@ class FSDPEngine(Engine):
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         # The root is the transformers model even under PEFT: ``generate`` (evaluation) calls
         # it directly, so its hooks, which gather the embeddings and head, must sit there.
-        self.root = _inner(model)
+        self.root = transformers_model(model)
         fully_shard(self.root, mesh=self.mesh, mp_policy=mp)
         self.model = model
         self.optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from packtune.loss import target_weights, weighted_loss_sum
+from packtune.modeling import transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
 
@@ -37,17 +38,6 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _inner_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under engine and PEFT wrappers."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +73,7 @@ def forward_loss_sum(
     tokens are prompt, and the vocabulary projection is the largest matmul of a small model.
     """
     kwargs = {}
-    if _takes_mask(type(_inner_model(model))):
+    if _takes_mask(type(transformers_model(model))):
         keep = (targets != IGNORE_INDEX).view(batch.labels.shape)
         if not bool(keep.any()):
             keep = keep.clone()
@@ -95,7 +85,7 @@ def forward_loss_sum(
         logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
     if logits.numel() != targets.numel() * logits.shape[-1]:
         raise RuntimeError(
-            f"{type(_inner_model(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
+            f"{type(transformers_model(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
             f"{targets.numel()} targets: its logits_to_keep does not keep what was asked"
         )
     return weighted_loss_sum(logits, targets, weights)

@@ -254,7 +254,7 @@ def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
 def test_fp16_loss_scale_overflow_is_skipped_not_an_error(tmp_path, monkeypatch):
     """A GradScaler (CUDA fp16) whose scale overflows skips the step; on_nonfinite_loss='error'
     must not stop the run for it. Simulated on the CPU with a scale that overflows at once."""
-    from packtune.recipe import engine
+    from packtune.recipe import engine_plain as engine
 
     real_init = engine.PlainEngine.__init__
 

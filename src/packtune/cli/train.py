@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
     from packtune.data import DataError
     from packtune.modeling import LeakError
-    from packtune.recipe.engine import CheckpointMismatch
+    from packtune.recipe.engine_base import CheckpointMismatch
     from packtune.recipe.model_setup import SetupError
     from packtune.recipe.train import RunOptions, train
 

@@ -49,7 +49,8 @@ from packtune.distributed import DistEnv, ensure_process_group
 from packtune.modeling import text_config
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
-from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
+from packtune.recipe.sharded import INSTALL_HINT
+from packtune.recipe.engine_base import Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 log = logging.getLogger("packtune")
 
@@ -61,7 +62,6 @@ BUILTIN = (
     "deepspeed_zero3_offload",
 )
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "deepspeed")
-INSTALL_HINT = "--deepspeed needs DeepSpeed, which is not installed: pip install 'packtune[deepspeed]' (or pip install deepspeed)"
 
 
 def require_deepspeed():

@@ -31,7 +31,7 @@ from packtune.distributed import DistEnv
 from packtune.modeling import transformers_model
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
-from packtune.recipe.engine import Engine, build_optimizer, lr_lambda, not_my_checkpoint
+from packtune.recipe.engine_base import Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

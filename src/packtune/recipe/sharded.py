@@ -34,6 +34,8 @@ import torch.distributed as dist
 
 from packtune.recipe import checkpoint as ckpt
 
+INSTALL_HINT = "--deepspeed needs DeepSpeed, which is not installed: pip install 'packtune[deepspeed]' (or pip install deepspeed)"
+
 INFO = "packtune.json"
 DEEPSPEED_TAG = "state"
 FSDP_MODEL = "model"
@@ -125,8 +127,6 @@ def _read_deepspeed(directory: str, tag: str, info: dict) -> dict:
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError as exc:
-        from packtune.recipe.engine_deepspeed import INSTALL_HINT
-
         raise ImportError(f"reading the ZeRO checkpoint {directory} needs DeepSpeed: " + INSTALL_HINT.split(": ", 1)[1]) from exc
     exclude_frozen = info.get("full_state") is False
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed narrates every file it reads

@@ -28,7 +28,7 @@ from packtune.distributed import DistEnv, cleanup, init_distributed
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe.batches import StepPlan, empty_pack
-from packtune.recipe.engine import engine_kind, make_engine
+from packtune.recipe.engines import engine_kind, make_engine
 from packtune.recipe.evaluate import evaluate
 from packtune.recipe.metrics import MetricsLogger
 from packtune.recipe.model_setup import build_model, compute_dtype, model_source

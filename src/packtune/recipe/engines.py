@@ -1,0 +1,33 @@
+"""``make_engine``: the engine for a run (one process, DDP, FSDP2 or DeepSpeed)."""
+
+from __future__ import annotations
+
+import torch
+
+from packtune.distributed import DistEnv
+from packtune.recipe.engine_plain import DDPEngine, PlainEngine
+
+
+def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None):
+    """The engine for ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"`` or ``"deepspeed"``."""
+    if kind == "single":
+        return PlainEngine(model, env, settings, total_steps, compute_dtype)
+    if kind == "ddp":
+        return DDPEngine(model, env, settings, total_steps, compute_dtype)
+    if kind == "fsdp":
+        from packtune.recipe.engine_fsdp import FSDPEngine
+
+        return FSDPEngine(model, env, settings, total_steps, compute_dtype)
+    if kind == "deepspeed":
+        from packtune.recipe.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, env, settings, total_steps, compute_dtype, deepspeed_config)
+    raise ValueError(f"unknown engine {kind!r}")
+
+
+def engine_kind(env: DistEnv, deepspeed: str | None, fsdp: bool) -> str:
+    if deepspeed:
+        return "deepspeed"
+    if fsdp:
+        return "fsdp"
+    return "ddp" if env.world_size > 1 else "single"

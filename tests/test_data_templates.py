@@ -73,6 +73,15 @@ EXPECTED = {
 }
 EXPECTED["qwen_chat"] = EXPECTED["chatml"]
 EXPECTED["yi"] = EXPECTED["chatml"]
+# ChatGLM3 ([gMASK]sop, no BOS of its own) and Baichuan2 (no BOS): the prefix is the template's.
+EXPECTED["chatglm3"] = (
+    "[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi<|assistant|>\n Hello!</s><|user|>\n Bye<|assistant|>\n Goodbye.</s>",
+    [" Hello!</s>", " Goodbye.</s>"],
+)
+EXPECTED["baichuan2_chat"] = (
+    "Be brief.<reserved_106>Hi<reserved_107>Hello!</s><reserved_106>Bye<reserved_107>Goodbye.</s>",
+    ["Hello!</s>", "Goodbye.</s>"],
+)
 
 # The generation prompt after the first user turn: the text right before the first reply.
 PROMPTS = {
@@ -91,6 +100,8 @@ PROMPTS = {
     "vicuna": "<s>Be brief. USER: Hi ASSISTANT:",
 }
 PROMPTS["qwen_chat"] = PROMPTS["yi"] = PROMPTS["chatml"]
+PROMPTS["chatglm3"] = "[gMASK]sop<|system|>\n Be brief.<|user|>\n Hi<|assistant|>\n"
+PROMPTS["baichuan2_chat"] = "Be brief.<reserved_106>Hi<reserved_107>"
 
 CHATML_JINJA = (
     "{{ bos_token }}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"

@@ -17,7 +17,7 @@ ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attn", "torch")
 DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text")
 PROMPT_TEMPLATES = (
     "auto", "tokenizer", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
-    "internlm2_chat", "gemma", "deepseek", "yi", "vicuna",
+    "internlm2_chat", "gemma", "deepseek", "yi", "vicuna", "chatglm3", "baichuan2_chat",
 )
 PACK_STRATEGIES = ("bfd", "sequential", "concat")
 OVERFLOW_POLICIES = ("truncate", "drop", "error")

@@ -10,7 +10,7 @@ Two kinds of template:
 
 * **Built-in** (``TEMPLATES``), selectable by name: ``default``, ``chatml`` (= ``qwen_chat``),
   ``llama2_chat``, ``llama3_chat``, ``mistral``, ``zephyr``, ``internlm2_chat``, ``gemma``,
-  ``deepseek``, ``yi``, ``vicuna``. ``{bos}`` and ``{eos}`` in them stand for the tokenizer's own
+  ``deepseek``, ``yi``, ``vicuna``, ``chatglm3``, ``baichuan2_chat``. ``{bos}`` and ``{eos}`` in them stand for the tokenizer's own
   BOS and EOS tokens (empty when it has none). Every conversation starts with ``{bos}``.
 * **The tokenizer's chat template** (``ChatTemplate``), used by ``"auto"`` when the tokenizer
   has one. Its trained spans are found by rendering the conversation up to each assistant
@@ -180,6 +180,33 @@ _SPECS = [
         assistant=" {content}{eos}",
         default_system=VICUNA_SYSTEM,
         doc="Vicuna v1.1: SYSTEM USER: ... ASSISTANT: ...</s>",
+    ),
+    # ChatGLM3's format (its tokenizer's build_chat_input): [gMASK]sop, then "<|role|>\n text",
+    # the space standing for the dummy prefix SentencePiece gives each message. The original
+    # writes no end of turn (the model stops on <|user|>/<|observation|>); a reply here ends
+    # with EOS, also a stop token of ChatGLM3's generation config, as XTuner trains it.
+    TemplateSpec(
+        "chatglm3",
+        prefix="[gMASK]sop",
+        system="<|system|>\n {content}",
+        user="<|user|>\n {content}",
+        tool="<|observation|>\n {content}",
+        assistant_prefix="<|assistant|>\n",
+        assistant=" {content}{eos}",
+        stop=("<|user|>", "<|observation|>", "{eos}"),
+        doc="ChatGLM3: [gMASK]sop<|user|>\\n ...<|assistant|>\\n ... EOS",
+    ),
+    # Baichuan2 chat (generation_utils.build_chat_input): the system text, then user turns after
+    # <reserved_106> and replies after <reserved_107> (its user/assistant token ids 195, 196); no
+    # BOS. A reply ends with EOS, which Baichuan2's fine-tuning script also trains after each reply.
+    TemplateSpec(
+        "baichuan2_chat",
+        prefix="",
+        system="{content}",
+        user="<reserved_106>{content}",
+        assistant_prefix="<reserved_107>",
+        assistant="{content}{eos}",
+        doc="Baichuan2 chat: system<reserved_106>user<reserved_107>reply</s> (no BOS)",
     ),
 ]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from packtune.data.errors import DataError
+from packtune.data.family_tokenizers import family_of, load_family_tokenizer, read_tokenizer_config
 
 BUNDLED_SCHEME = "packtune://"
 #: Tokenizers available as ``packtune://NAME``: the file inside the ``mistral_common`` package.
@@ -75,17 +76,28 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_dir
     """``AutoTokenizer.from_pretrained(name_or_path)``, with a pad token always set.
 
     ``packtune://mistral-v1`` names the Mistral v1 tokenizer of ``mistral-common`` (copied
-    once into ``cache_dir``, default ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``). The pad
-    token falls back to EOS, then UNK.
+    once into ``cache_dir``, default ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``). A folder or
+    hub id whose ``tokenizer_config.json`` names the remote-code tokenizer of InternLM,
+    InternLM2, Baichuan, ChatGLM2/3 or Qwen-1 is loaded from its data files without that code
+    (``packtune.data.family_tokenizers``). The pad token falls back to EOS, then UNK.
     """
     from transformers import AutoTokenizer
 
     path: str | Path = name_or_path
+    family = None
     if name_or_path.startswith(BUNDLED_SCHEME):
         path = _bundled_folder(name_or_path[len(BUNDLED_SCHEME):].strip("/"), cache_dir)
+    else:
+        config = read_tokenizer_config(name_or_path)
+        family = family_of(config)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if family is not None:  # never the checkpoint's own tokenizer code, whatever trust_remote_code says
+            tok = load_family_tokenizer(name_or_path, family, config)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
         raise DataError(f"cannot load the tokenizer {name_or_path!r}: {exc}") from exc
     if name_or_path.startswith(BUNDLED_SCHEME):
         if not (Path(path) / "tokenizer.json").is_file():

@@ -1,4 +1,4 @@
-"""The built-in config catalog: every config loads, validates and says what its name says."""
+"""The built-in config catalog: one table, every entry loads, validates and says what its name says."""
 
 from __future__ import annotations
 
@@ -6,58 +6,69 @@ import re
 
 import pytest
 
-from packtune.config import CONFIG_DIR, find_config, list_configs, load_settings
+from packtune.config import CONFIG_DIR, ConfigError, config_source, find_config, list_configs, load_settings
 from packtune.config import settings as S
+from packtune.config.catalog import ENTRIES, FAMILIES, render_config, tiny_names
 
 NAMES = list_configs()
 PATTERN = re.compile(r"^(?P<model>[a-z0-9_]+?)_(?P<method>full|lora|qlora)_(?P<data>oasst1|alpaca)_e(?P<epochs>\d+)$")
 DATASETS = {"oasst1": ("timdettmers/openassistant-guanaco", "oasst1"), "alpaca": ("tatsu-lab/alpaca", "alpaca")}
-# family prefix -> (HF id prefix, prompt template, remote code only)
-FAMILIES = {
-    "baichuan2": ("baichuan-inc/Baichuan2", "default", True),
-    "chatglm3": ("THUDM/chatglm3", "auto", True),
-    "deepseek": ("deepseek-ai/deepseek-llm", "deepseek", False),
-    "gemma": ("google/gemma", "gemma", False),
-    "internlm2": ("internlm/internlm2", "internlm2_chat", True),
-    "llama2": ("meta-llama/Llama-2", "llama2_chat", False),
-    "llama3": ("meta-llama/Meta-Llama-3", "llama3_chat", False),
-    "mistral": ("mistralai/Mistral", "mistral", False),
-    "qwen1_5": ("Qwen/Qwen1.5", "qwen_chat", False),
-    "qwen2_5": ("Qwen/Qwen2.5", "qwen_chat", False),
-    "qwen3": ("Qwen/Qwen3", "qwen_chat", False),
-    "starcoder": ("bigcode/starcoder", "default", False),
-    "yi": ("01-ai/Yi", "yi", False),
-    "zephyr": ("HuggingFaceH4/zephyr", "zephyr", False),
+# Written out here, not read from the table: family -> (HF id, prompt template, a ported family).
+EXPECTED_FAMILIES = {
+    "baichuan2_13b": ("baichuan-inc/Baichuan2-13B-Base", "baichuan2_chat", True),
+    "baichuan2_7b": ("baichuan-inc/Baichuan2-7B-Base", "baichuan2_chat", True),
+    "baichuan_7b": ("baichuan-inc/Baichuan-7B", "default", True),
+    "chatglm2_6b": ("THUDM/chatglm2-6b", "chatglm3", True),
+    "chatglm3_6b": ("THUDM/chatglm3-6b", "chatglm3", True),
+    "deepseek_7b": ("deepseek-ai/deepseek-llm-7b-base", "deepseek", False),
+    "gemma2_9b": ("google/gemma-2-9b", "gemma", False),
+    "gemma_7b": ("google/gemma-7b", "gemma", False),
+    "internlm2_7b": ("internlm/internlm2-7b", "internlm2_chat", True),
+    "internlm2_chat_7b": ("internlm/internlm2-chat-7b", "internlm2_chat", True),
+    "internlm_7b": ("internlm/internlm-7b", "default", True),
+    "llama2_7b": ("meta-llama/Llama-2-7b-hf", "llama2_chat", False),
+    "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", False),
+    "mistral_7b": ("mistralai/Mistral-7B-v0.1", "mistral", False),
+    "qwen1_5_7b": ("Qwen/Qwen1.5-7B", "qwen_chat", False),
+    "qwen2_5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", "qwen_chat", False),
+    "qwen3_8b": ("Qwen/Qwen3-8B", "qwen_chat", False),
+    "qwen_7b": ("Qwen/Qwen-7B", "qwen_chat", True),
+    "starcoder_15b": ("bigcode/starcoder", "default", False),
+    "yi_6b": ("01-ai/Yi-6B", "yi", False),
+    "zephyr_7b_beta": ("HuggingFaceH4/zephyr-7b-beta", "zephyr", False),
 }
-REAL = [n for n in NAMES if not n.startswith("tiny_")]
+REAL = sorted(ENTRIES)
 TINY = [n for n in NAMES if n.startswith("tiny_")]
 
 
-def family(name: str) -> str:
-    return next(f for f in sorted(FAMILIES, key=len, reverse=True) if name.startswith(f))
-
-
-def test_catalog_is_shipped_and_listed():
-    assert CONFIG_DIR.is_dir() and len(NAMES) >= 80
-    assert NAMES == sorted(NAMES)
+def test_catalog_is_one_table_plus_the_tiny_files():
+    assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
+    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 5
+    assert NAMES == sorted(NAMES) == sorted([*REAL, *TINY])
+    assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY
-    assert find_config("llama2_7b_lora_alpaca_e3.py") == find_config("llama2_7b_lora_alpaca_e3")
+    assert find_config("llama2_7b_lora_alpaca_e3.py") == find_config("llama2_7b_lora_alpaca_e3") == "llama2_7b_lora_alpaca_e3"
+    assert "internlm_7b_full_oasst1_e3" in list_configs("internlm")
+    with pytest.raises(ConfigError, match="did you mean internlm_7b_full_oasst1_e3"):
+        find_config("internlm_7b_ful_oasst1_e3")
+    with pytest.raises(KeyError):
+        render_config("nope")
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_every_config_loads_and_validates(name):
+def test_every_config_renders_loads_and_validates(name):
     s = load_settings(name)
-    text = find_config(name).read_text()
-    lines = text.splitlines()
-    assert len(lines) < 100, "catalog configs stay short"
-    assert "PART 1  Settings" in text and not re.search(r"\btype=|^import |^from ", text, re.M)
-    assert s.use_varlen_attn == s.pack_to_max_length
+    text = config_source(name)
+    assert len(text.splitlines()) < 100, "catalog configs stay short"
+    parts = [f"PART {i}  {p}" for i, p in enumerate(S.PARTS, start=1)]
+    assert [line.strip("# ") for line in text.splitlines() if line.startswith("#") and "PART " in line] == parts
+    assert not re.search(r"\btype=|^import |^from ", text, re.M)
+    assert s.use_varlen_attn and s.pack_to_max_length  # every entry packs with varlen attention
 
 
 def test_every_family_has_full_lora_qlora_on_both_datasets():
-    for fam in FAMILIES:
-        mine = [n for n in REAL if family(n) == fam]
-        combos = {(PATTERN.match(n)["method"], PATTERN.match(n)["data"]) for n in mine}
+    for fam in EXPECTED_FAMILIES:
+        combos = {(m["method"], m["data"]) for m in map(PATTERN.match, REAL) if m["model"] == fam}
         assert combos == {(m, d) for m in ("full", "lora", "qlora") for d in DATASETS}, fam
 
 
@@ -66,25 +77,37 @@ def test_real_config_says_what_its_name_says(name):
     m = PATTERN.match(name)
     assert m, f"{name} does not follow <family>_<size>_<full|lora|qlora>_<dataset>_e<epochs>"
     s = load_settings(name)
-    hf_prefix, template, remote = FAMILIES[family(name)]
-    assert s.pretrained_model_name_or_path.startswith(hf_prefix) and s.model_config is None
-    assert s.prompt_template == template
+    base, template, ported = EXPECTED_FAMILIES[m["model"]]
+    assert (s.pretrained_model_name_or_path, s.model_config, s.prompt_template) == (base, None, template)
     assert (s.dataset, s.dataset_format) == DATASETS[m["data"]]
     assert s.max_epochs == int(m["epochs"]) and s.max_length == 2048
+    assert s.system_prompt is None if m["data"] == "oasst1" else s.system_prompt.startswith("Below is an instruction")
     if m["method"] == "full":
         assert s.lora is None and s.lr == pytest.approx(2e-5)
     else:
         assert s.lora is not None and s.lr == pytest.approx(2e-4)
         assert s.lora["quantization"] == ("4bit" if m["method"] == "qlora" else None)
-    assert s.trust_remote_code is remote
+    # No family runs remote code: the ported ones load through packtune's native classes.
+    assert s.trust_remote_code is False
+    assert ("Loaded through packtune's native port" in config_source(name)) is ported
 
 
-@pytest.mark.parametrize("name", [n for n in REAL if FAMILIES[family(n)][2]])
-def test_remote_code_families_turn_varlen_and_packing_off_and_say_why(name):
-    s = load_settings(name)
-    assert s.trust_remote_code and not s.use_varlen_attn and not s.pack_to_max_length
-    text = find_config(name).read_text()
-    assert "remote code" in text and "use_varlen_attn = False" in text
+def test_the_copy_is_the_file_the_entry_stands_for(tmp_path):
+    # A rendered entry, written out, loads back to the same settings (the copy-cfg round trip).
+    for name in ("internlm_7b_full_oasst1_e3", "qwen1_5_7b_qlora_oasst1_e3", "tiny_mistral_full_demo"):
+        path = tmp_path / f"{name}_copy.py"
+        path.write_text(config_source(name))
+        assert load_settings(str(path)) == load_settings(name)
+    assert config_source("tiny_mistral_full_demo") == (CONFIG_DIR / "tiny_mistral_full_demo.py").read_text()
+
+
+def test_a_builtin_config_that_raises_names_its_line(monkeypatch):
+    import packtune.config.loader as loader
+
+    monkeypatch.setattr(loader, "render_config", lambda name: "lr = 1e-4\nmax_length = 1 / 0\n")
+    with pytest.raises(ConfigError, match=r"<built-in config llama2_7b_full_alpaca_e3>:2: running the config raised "
+                                          r"ZeroDivisionError"):
+        load_settings("llama2_7b_full_alpaca_e3")
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -9,7 +9,7 @@ import pytest
 
 from packtune.cli import main as cli
 from packtune.cli.main import main
-from packtune.config import find_config, list_configs
+from packtune.config import config_source, list_configs
 
 FAKE = '''\
 """A command for the tests: each --mode exercises one error path of main()."""
@@ -84,8 +84,22 @@ def test_copy_cfg_writes_name_copy_py_and_creates_dir(capsys, tmp_path):
     dest_dir = tmp_path / "new" / "dir"
     code, out, err = run(capsys, "copy-cfg", "tiny_mistral_full_demo", str(dest_dir))
     dest = dest_dir / "tiny_mistral_full_demo_copy.py"
-    assert code == 0 and err == [] and dest.read_text() == find_config("tiny_mistral_full_demo").read_text()
+    assert code == 0 and err == [] and dest.read_text() == config_source("tiny_mistral_full_demo")
     assert str(dest) in out and f"packtune train {dest}" in out
+
+
+def test_the_worked_example_list_then_copy_an_internlm_config(capsys, tmp_path, monkeypatch):
+    # The seed's worked example: list-cfg -p internlm, then copy-cfg NAME . (into the cwd).
+    code, out, _ = run(capsys, "list-cfg", "-p", "internlm")
+    assert code == 0 and "internlm_7b_full_oasst1_e3" in out.splitlines()
+    assert all("internlm" in line for line in out.splitlines())
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "copy-cfg", "internlm_7b_full_oasst1_e3", ".")
+    dest = tmp_path / "internlm_7b_full_oasst1_e3_copy.py"
+    assert code == 0 and err == [] and dest.is_file()
+    text = dest.read_text()
+    assert "use_varlen_attn = True  # exact per-sample attention inside packed rows" in text.splitlines()
+    assert "pretrained_model_name_or_path = 'internlm/internlm-7b'" in text and text == config_source("internlm_7b_full_oasst1_e3")
 
 
 def test_copy_cfg_refuses_to_overwrite_without_force(capsys, tmp_path):

@@ -12,6 +12,7 @@ EXAMPLES = """\
 packtune list-cfg
 packtune list-cfg -p tiny        # tiny models that train offline on a CPU in minutes
 packtune list-cfg -p qwen2_5
+packtune list-cfg -p internlm    # InternLM 1 and 2, through packtune's native ports
 packtune list-cfg -p lora_alpaca
 """
 

@@ -1,5 +1,8 @@
 """Config files: find them in the catalog, run them, apply ``--cfg-options``, write them back.
 
+A built-in config (``list_configs()``) is a name anywhere a config path is accepted; its text is
+rendered from the catalog table (``packtune.config.catalog``).
+
 A config file is Python whose module-level assignments are the settings. Loading runs it in a
 fresh namespace and keeps every name that does not start with ``_`` and is not a module,
 function or class, so a config may import helpers and keep private variables (``_base``).
@@ -18,16 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from packtune.config import settings as S
+from packtune.config.catalog import TINY_DIR, catalog_names, render_config
 from packtune.config.settings import ConfigError, Problem, Settings
 from packtune.config.validate import FIELD_NAMES, check_settings
 
-#: Where the built-in configs live (shipped as package data).
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+#: Where the tiny built-in config files live (shipped as package data).
+CONFIG_DIR = TINY_DIR
 
 
 def list_configs(pattern: str | None = None) -> list[str]:
     """Names of the built-in configs containing ``pattern`` (case-insensitive), sorted."""
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if not p.name.startswith("_"))
+    names = catalog_names()
     if pattern:
         names = [n for n in names if pattern.lower() in n.lower()]
     return names
@@ -37,7 +41,9 @@ def closest_configs(name: str, n: int = 3) -> list[str]:
     """Built-in config names nearest to ``name``: those containing all its parts, then difflib."""
     names = list_configs()
     parts = [p for p in name.lower().replace("-", "_").split("_") if p]
-    containing = [c for c in names if parts and all(p in c for p in parts)]
+    # Most similar first: "internlm_7b_ful..." means internlm_7b_full... more than internlm2_7b_full...
+    containing = sorted((c for c in names if parts and all(p in c for p in parts)),
+                        key=lambda c: -difflib.SequenceMatcher(None, name.lower(), c).ratio())
     fuzzy = difflib.get_close_matches(name.lower(), names, n=n, cutoff=0.5)
     out = []
     for c in [*containing, *fuzzy]:
@@ -46,19 +52,23 @@ def closest_configs(name: str, n: int = 3) -> list[str]:
     return out[:n]
 
 
-def find_config(name: str) -> Path:
-    """The file of built-in config ``name`` (a trailing ``.py`` is allowed).
+def find_config(name: str) -> str:
+    """The built-in config called ``name`` (a trailing ``.py`` is allowed): its canonical name.
 
     Raises ``ConfigError`` naming the closest built-in configs.
     """
     stem = name[:-3] if name.endswith(".py") else name
-    path = CONFIG_DIR / f"{stem}.py"
-    if stem and "/" not in stem and not stem.startswith("_") and path.is_file():
-        return path
+    if stem in list_configs():
+        return stem
     near = closest_configs(stem)
     hint = f"did you mean {', '.join(near)}? " if near else ""
     raise ConfigError([Problem("config", f"no built-in config named {name!r}",
                                f"{hint}run `packtune list-cfg` to see them all")])
+
+
+def config_source(name: str) -> str:
+    """The settings file of built-in config ``name``, as ``packtune copy-cfg`` writes it."""
+    return render_config(find_config(name))
 
 
 def _is_setting(name: str, value: Any) -> bool:
@@ -76,16 +86,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([Problem("config", f"config file {str(path)!r} does not exist",
                                    "check the path, or pass a built-in config name (packtune list-cfg)")])
+    return _run_config(lambda: runpy.run_path(str(path), run_name="__packtune_config__"), str(path),
+                       lambda filename: Path(filename).resolve() == path.resolve())
+
+
+def read_builtin_config(name: str) -> dict[str, Any]:
+    """The settings (unvalidated) of built-in config ``name``: its rendered file, run."""
+    where = f"<built-in config {find_config(name)}>"
+    code = compile(config_source(name), where, "exec")
+    namespace: dict[str, Any] = {"__name__": "__packtune_config__"}
+    return _run_config(lambda: exec(code, namespace) or namespace, where, lambda filename: filename == where)
+
+
+def _run_config(run: Any, where: str, is_config_frame: Any) -> dict[str, Any]:
+    """The settings a config leaves in its namespace (``run()``); errors name the config's line."""
     try:
-        namespace = runpy.run_path(str(path), run_name="__packtune_config__")
+        namespace = run()
     except SyntaxError as exc:
-        raise ConfigError([Problem("config", f"{path}:{exc.lineno}: SyntaxError: {exc.msg}",
+        raise ConfigError([Problem("config", f"{where}:{exc.lineno}: SyntaxError: {exc.msg}",
                                    "fix the Python syntax on that line")]) from exc
     except Exception as exc:
         line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__))
-                     if Path(f.filename).resolve() == path.resolve()), None)
-        where = f"{path}:{line}" if line else str(path)
-        raise ConfigError([Problem("config", f"{where}: running the config raised {type(exc).__name__}: {exc}",
+                     if is_config_frame(f.filename)), None)
+        at = f"{where}:{line}" if line else where
+        raise ConfigError([Problem("config", f"{at}: running the config raised {type(exc).__name__}: {exc}",
                                    "fix that line; a config is plain assignments of settings")]) from exc
     return {k: v for k, v in namespace.items() if _is_setting(k, v)}
 
@@ -150,19 +174,16 @@ def load_settings(name_or_path: str, overrides: list[str] | None = None) -> Sett
     """
     text = str(name_or_path)
     candidate = Path(text).expanduser()
-    if candidate.is_file():
-        path, source = candidate, str(candidate)
-    elif text.endswith(".py") or "/" in text or os.sep in text:
-        path, source = candidate, text  # a path that does not exist: reported by read_config_file
-    else:
-        path, source = find_config(text), text
     # File problems (missing, syntax) name the file themselves: one line, no header.
-    raw = read_config_file(path)
+    if candidate.is_file() or text.endswith(".py") or "/" in text or os.sep in text:
+        raw = read_config_file(candidate)  # a path that does not exist is reported there
+    else:
+        raw = read_builtin_config(text)
     problems = apply_overrides(raw, list(overrides or []))
     values, more = check_settings(raw)
     problems += more
     if problems:
-        raise ConfigError(problems, source)
+        raise ConfigError(problems, str(candidate) if candidate.is_file() else text)
     return Settings(**values)
 
 

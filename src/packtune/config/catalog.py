@@ -1,0 +1,187 @@
+"""The built-in config catalog: one table (family x method x dataset), rendered on demand.
+
+Every real entry is ``<family>_<full|lora|qlora>_<alpaca|oasst1>_e3``: a family of ``FAMILIES``
+(its base model, prompt template and, for the families packtune ports, which class it trains
+as), a method of ``METHODS`` and a dataset of ``DATASETS``. ``render_config(name)`` writes the
+entry as the readable settings file it stands for, in XTuner's five parts; that text is what
+``packtune copy-cfg`` writes and what ``packtune train NAME`` runs. The ``tiny_*`` configs, which
+train offline on a CPU, are files in ``packtune/configs/`` (``TINY_DIR``).
+
+>>> "internlm_7b_full_oasst1_e3" in catalog_names()
+True
+>>> print(render_config("internlm_7b_full_oasst1_e3").splitlines()[0])
+\"\"\"InternLM 7B (base): full fine-tuning on OpenAssistant Guanaco (oasst1, ~9.8k conversations), 3 epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Where the tiny demo configs live (shipped as package data), one file each.
+TINY_DIR = Path(__file__).resolve().parent.parent / "configs"
+EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class Family:
+    """One row of the catalog: a base model and how to train it.
+
+    ``ported`` names the class a family without a transformers class of its own trains as
+    (packtune's native port, ``packtune.load_model``); ``None`` for transformers' own families.
+    """
+
+    key: str
+    title: str
+    base: str
+    template: str
+    ported: str | None = None
+
+
+#: The families, in name order. Every entry of every family packs with varlen attention.
+FAMILIES: tuple[Family, ...] = (
+    Family("baichuan2_13b", "Baichuan2 13B (base)", "baichuan-inc/Baichuan2-13B-Base", "baichuan2_chat",
+           ported="packtune's own ALiBi model class (Baichuan 13B has no transformers class)"),
+    Family("baichuan2_7b", "Baichuan2 7B (base)", "baichuan-inc/Baichuan2-7B-Base", "baichuan2_chat",
+           ported="transformers' Llama, with Baichuan2's NormHead"),
+    Family("baichuan_7b", "Baichuan 7B", "baichuan-inc/Baichuan-7B", "default", ported="transformers' Llama"),
+    Family("chatglm2_6b", "ChatGLM2 6B", "THUDM/chatglm2-6b", "chatglm3", ported="transformers' GLM (GlmForCausalLM)"),
+    Family("chatglm3_6b", "ChatGLM3 6B", "THUDM/chatglm3-6b", "chatglm3", ported="transformers' GLM (GlmForCausalLM)"),
+    Family("deepseek_7b", "DeepSeek LLM 7B (base)", "deepseek-ai/deepseek-llm-7b-base", "deepseek"),
+    Family("gemma2_9b", "Gemma 2 9B", "google/gemma-2-9b", "gemma"),
+    Family("gemma_7b", "Gemma 7B", "google/gemma-7b", "gemma"),
+    Family("internlm2_7b", "InternLM2 7B", "internlm/internlm2-7b", "internlm2_chat", ported="transformers' Llama"),
+    Family("internlm2_chat_7b", "InternLM2 Chat 7B", "internlm/internlm2-chat-7b", "internlm2_chat",
+           ported="transformers' Llama"),
+    Family("internlm_7b", "InternLM 7B (base)", "internlm/internlm-7b", "default",
+           ported="transformers' Llama, with attention biases"),
+    Family("llama2_7b", "Llama 2 7B", "meta-llama/Llama-2-7b-hf", "llama2_chat"),
+    Family("llama3_8b_instruct", "Llama 3 8B Instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat"),
+    Family("mistral_7b", "Mistral 7B v0.1", "mistralai/Mistral-7B-v0.1", "mistral"),
+    Family("qwen1_5_7b", "Qwen1.5 7B", "Qwen/Qwen1.5-7B", "qwen_chat"),
+    Family("qwen2_5_7b_instruct", "Qwen2.5 7B Instruct", "Qwen/Qwen2.5-7B-Instruct", "qwen_chat"),
+    Family("qwen3_8b", "Qwen3 8B", "Qwen/Qwen3-8B", "qwen_chat"),
+    Family("qwen_7b", "Qwen 7B (Qwen-1)", "Qwen/Qwen-7B", "qwen_chat", ported="transformers' Qwen2"),
+    Family("starcoder_15b", "StarCoder 15B", "bigcode/starcoder", "default"),
+    Family("yi_6b", "Yi 6B", "01-ai/Yi-6B", "yi"),
+    Family("zephyr_7b_beta", "Zephyr 7B beta", "HuggingFaceH4/zephyr-7b-beta", "zephyr"),
+)
+
+_LORA = "dict(r=64, alpha=16, dropout=0.1, target_modules='all-linear', quantization={q})"
+#: method -> (what the docstring calls it, learning rate, the ``lora`` line(s) of PART 2)
+METHODS: dict[str, tuple[str, str, str]] = {
+    "full": ("full fine-tuning", "2e-5", "lora = None  # full fine-tuning"),
+    "lora": ("LoRA", "2e-4", "lora = " + _LORA.format(q="None")),
+    "qlora": ("QLoRA (4-bit)", "2e-4", "# QLoRA loads the base weights in 4 bit: needs a CUDA GPU and bitsandbytes.\n"
+              "lora = " + _LORA.format(q="'4bit'")),
+}
+ALPACA_SYSTEM = ("Below is an instruction that describes a task. "
+                 "Write a response that appropriately completes the request.")
+#: dataset -> (what the docstring calls it, HF id, dataset_format, system_prompt)
+DATASETS: dict[str, tuple[str, str, str, str | None]] = {
+    "alpaca": ("Stanford Alpaca (52k instructions)", "tatsu-lab/alpaca", "alpaca", ALPACA_SYSTEM),
+    "oasst1": ("OpenAssistant Guanaco (oasst1, ~9.8k conversations)", "timdettmers/openassistant-guanaco",
+               "oasst1", None),
+}
+
+
+def _entries() -> dict[str, tuple[Family, str, str]]:
+    return {f"{fam.key}_{method}_{data}_e{EPOCHS}": (fam, method, data)
+            for fam in FAMILIES for method in METHODS for data in DATASETS}
+
+
+#: Every table entry: name -> (family, method, dataset).
+ENTRIES: dict[str, tuple[Family, str, str]] = _entries()
+
+
+def tiny_names() -> list[str]:
+    """The ``tiny_*`` config files' names."""
+    return sorted(p.stem for p in TINY_DIR.glob("tiny_*.py"))
+
+
+def catalog_names() -> list[str]:
+    """Every built-in config name, table entries and tiny files, sorted."""
+    return sorted([*ENTRIES, *tiny_names()])
+
+
+def _bar(title: str) -> str:
+    bar = "#" * 72
+    return f"{bar}\n#{title:^70}#\n{bar}"
+
+
+def render_config(name: str) -> str:
+    """The settings file of built-in config ``name`` (a table entry or a tiny file).
+
+    Raises ``KeyError`` for a name that is neither.
+    """
+    if name not in ENTRIES:
+        if name in tiny_names():
+            return (TINY_DIR / f"{name}.py").read_text(encoding="utf-8")
+        raise KeyError(name)
+    fam, method, data = ENTRIES[name]
+    what, lr, lora = METHODS[method]
+    data_doc, dataset, fmt, system = DATASETS[data]
+    model_note = ""
+    if fam.ported:
+        model_note = (f"# Loaded through packtune's native port: trains as {fam.ported}, with no remote code\n"
+                      "# and exact varlen attention, like every family.\n")
+    return f'''"""{fam.title}: {what} on {data_doc}, {EPOCHS} epochs.
+
+    packtune copy-cfg {name} .
+    packtune train {name}_copy.py
+"""
+
+{_bar("PART 1  Settings")}
+# Model
+pretrained_model_name_or_path = {fam.base!r}
+{model_note}use_varlen_attn = True  # exact per-sample attention inside packed rows
+
+# Data
+dataset = {dataset!r}
+dataset_format = {fmt!r}
+prompt_template = {fam.template!r}
+max_length = 2048
+pack_to_max_length = True  # needs use_varlen_attn = True
+
+# Scheduler & Optimizer
+batch_size = 1  # packed rows per device
+accumulative_counts = 16
+max_epochs = {EPOCHS}
+lr = {lr}
+betas = (0.9, 0.999)
+weight_decay = 0.0
+max_norm = 1.0  # gradient clipping
+warmup_ratio = 0.03
+
+# Save
+save_steps = 500
+save_total_limit = 2  # checkpoints kept
+
+# Evaluate the generation performance during the training
+evaluation_freq = 500
+system_prompt = {system!r}
+evaluation_inputs = [
+    'Please tell me five scenic spots in Shanghai.',
+    'Write a Python function that reverses a string.',
+]
+
+{_bar("PART 2  Model")}
+trust_remote_code = False
+dtype = 'bfloat16'
+gradient_checkpointing = True
+{lora}
+
+{_bar("PART 3  Dataset")}
+dataset_split = 'train'
+pack_strategy = 'bfd'  # best-fit decreasing: fewest rows, order-free
+shuffle_before_pack = True
+overflow = 'truncate'  # samples longer than max_length
+
+{_bar("PART 4  Scheduler & Optimizer")}
+loss_reduction = 'token'  # every trained token weighs the same
+
+{_bar("PART 5  Runtime")}
+log_steps = 10
+max_new_tokens = 64
+seed = 0
+'''

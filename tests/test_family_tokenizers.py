@@ -162,12 +162,12 @@ def test_baichuan_7b_v1_adds_bos(folders):
     write_config(folder, "BaiChuanTokenizer")
     tok = load_tokenizer(str(folder))
     check_family(tok, {t: sp.piece_to_id(t) for t in ("<s>", "</s>", "<unk>")}, sp.encode, [sp.bos_id()], TEXTS)
-    assert tok.chat_template is None  # no <reserved_106>/<reserved_107> roles in this vocabulary
+    assert tok.chat_template is None  # a base model without chat roles: "auto" means "default"
 
 
 def test_chatglm3_appended_specials_prefix_and_build_chat_input(folders):
     folder = folders / "chatglm3"
-    sp = train_spm(folder)
+    sp = train_spm(folder, normalization_rule_name="identity", remove_extra_whitespaces=False)  # keeps "\n"
     write_config(folder, "ChatGLMTokenizer", eos_token="</s>", pad_token="<unk>", unk_token="<unk>", padding_side="left")
     tok = load_tokenizer(str(folder))
     n = sp.get_piece_size()
@@ -181,6 +181,7 @@ def test_chatglm3_appended_specials_prefix_and_build_chat_input(folders):
     # The rendering has the ids of ChatGLM3's build_chat_input: a role token, encode("\n"), then
     # encode(content) (this model has no piece across "\n" and the next word, as asserted).
     prompt = get_template("chatglm3", tok).prompt(CONV[:4])
+    assert sp.decode(sp.encode("\n")) == "\n"  # this model keeps newlines, as ChatGLM's does
     ids = [specials["[gMASK]"], specials["sop"]]
     for m in CONV[:4]:
         ids += [specials[f"<|{m['role']}|>"], *sp.encode("\n"), *sp.encode(m["content"])]
@@ -257,6 +258,32 @@ def test_trained_tokens_through_the_pipeline(folders):
     tok = load_tokenizer(str(folder))
     segments = get_template("chatglm3", tok).render(CONV)
     ids, labels, _ = encode_segments(tok, [segments])
-    trained = [int(i) for i, label in zip(ids, labels) if label != -100]
-    replies = [tok(t, add_special_tokens=False)["input_ids"] for t, on in segments if on]
-    assert trained == [i for r in replies for i in r] and trained[-1] == tok.eos_token_id
+    ids = [int(i) for i in ids]
+    assert ids == tok("".join(t for t, _ in segments), add_special_tokens=False)["input_ids"]
+    # Trained: after each <|assistant|> and its "\n", the reply up to and including its EOS.
+    newline = len(tok("\n", add_special_tokens=False)["input_ids"])
+    starts = [i + 1 + newline for i, t in enumerate(ids) if t == tok.convert_tokens_to_ids("<|assistant|>")]
+    expected = [i for a in starts for i in ids[a : ids.index(tok.eos_token_id, a) + 1]]
+    trained = [i for i, label in zip(ids, labels) if label != -100]
+    assert len(starts) == 2 and trained == expected
+
+
+@pytest.mark.parametrize("name, cls, template", [("chatglm3_6b_lora_alpaca_e3", "ChatGLMTokenizer", "chatglm3"),
+                                                 ("baichuan2_13b_full_oasst1_e3", "BaichuanTokenizer", "baichuan2_chat")])
+def test_a_catalog_entry_packs_with_its_family_tokenizer(tmp_path, capsys, name, cls, template):
+    """log-dataset on a built-in entry of a ported family: its tokenizer and template, packed."""
+    from packtune.cli.main import main
+
+    folder = tmp_path / "tokenizer"
+    train_spm(folder, user_defined_symbols=["<reserved_106>", "<reserved_107>"] if "baichuan" in name else [])
+    write_config(folder, cls)
+    rows = [{"instruction": f"Say {w} twice.", "input": "", "output": f"{w} {w}."} for w in ("hello", "fox", "dog")]
+    conv = [{"text": f"### Human: Say {w}.### Assistant: {w}."} for w in ("hello", "fox", "dog")]
+    data = tmp_path / ("rows.json" if "alpaca" in name else "rows.jsonl")
+    data.write_text(json.dumps(rows) if "alpaca" in name else "\n".join(map(json.dumps, conv)))
+    code = main(["log-dataset", name, "--json", "--cfg-options", f"pretrained_model_name_or_path={folder}",
+                 f"dataset={data}", "max_length=512", f"data_cache_dir={tmp_path / 'cache'}", "num_proc=1"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["template"] == template
+    assert report["kept"] == report["documents"] == 3 and report["packs"] == 1 and report["trained_tokens"] > 6
+

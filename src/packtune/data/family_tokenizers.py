@@ -14,7 +14,7 @@ builds a transformers fast tokenizer (``PreTrainedTokenizerFast``) that gives th
   ``<|extra_0|>`` .. ``<|extra_204|>``) recognised in text, as ``QWenTokenizer`` does by default.
 
 ``add_special_tokens=True`` adds what the original adds: BOS for InternLM, InternLM2 and
-Baichuan (unless ``tokenizer_config.json`` says ``add_bos_token: false``, as Baichuan2's does),
+Baichuan 1/2 (unless ``tokenizer_config.json`` says ``add_bos_token: false``, as Baichuan2's does),
 ``[gMASK]`` ``sop`` for ChatGLM, nothing for Qwen-1. The tokenizer's ``chat_template`` is the
 checkpoint's own when its ``tokenizer_config.json`` has one, else packtune's template of the
 family (``FAMILIES[...].template``) as Jinja.
@@ -80,10 +80,12 @@ FAMILIES: dict[str, FamilySpec] = {
     "internlm": FamilySpec("internlm", "tokenizer.model", specials=("<eoh>", "<eoa>")),
     "internlm2": FamilySpec("internlm2", "tokenizer.model", specials=_INTERNLM2_SPECIALS,
                             required=("<|im_start|>", "<|im_end|>"), pad="</s>", template="internlm2_chat"),
-    # Baichuan2's chat roles are the pieces <reserved_106> (user) and <reserved_107> (assistant),
-    # ids 195 and 196 of its vocabulary (generation_config's user_token_id/assistant_token_id).
-    "baichuan": FamilySpec("baichuan", "tokenizer.model", specials=("<reserved_106>", "<reserved_107>"),
-                           template="baichuan2_chat", template_needs=("<reserved_106>", "<reserved_107>")),
+    # Baichuan-7B (v1, BaiChuanTokenizer): a base model, no chat roles.
+    "baichuan": FamilySpec("baichuan", "tokenizer.model"),
+    # Baichuan2 (BaichuanTokenizer): the chat roles are the pieces <reserved_106> (user) and
+    # <reserved_107> (assistant), ids 195 and 196 (generation_config's user/assistant_token_id).
+    "baichuan2": FamilySpec("baichuan2", "tokenizer.model", specials=("<reserved_106>", "<reserved_107>"),
+                            template="baichuan2_chat", template_needs=("<reserved_106>", "<reserved_107>")),
     # ChatGLM2 defines the first five; ChatGLM3 adds the four roles, at the same places.
     "chatglm": FamilySpec("chatglm", "tokenizer.model", specials=_CHATGLM_SPECIALS, appended=True,
                           whole_word=("sop", "eop"), bos=None, pad="<unk>", add_bos=False,
@@ -96,7 +98,7 @@ FAMILIES: dict[str, FamilySpec] = {
 TOKENIZER_CLASSES: dict[str, str] = {
     "InternLMTokenizer": "internlm",
     "InternLM2Tokenizer": "internlm2",
-    "BaichuanTokenizer": "baichuan",
+    "BaichuanTokenizer": "baichuan2",  # Baichuan2 7B/13B (and Baichuan-13B v1)
     "BaiChuanTokenizer": "baichuan",
     "ChatGLMTokenizer": "chatglm",
     "QWenTokenizer": "qwen",

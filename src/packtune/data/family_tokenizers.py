@@ -265,9 +265,13 @@ def load_family_tokenizer(name_or_path: str, family: str, tokenizer_config: dict
     lead = [names["bos"]] if add_bos else list(spec.prefix)
     if lead:
         single = " ".join([*lead, "$A"])
+        # Pairs as the originals' build_inputs_with_special_tokens: BOS before each sequence;
+        # ChatGLM's prefix once, then both, then EOS.
+        tail = [f"{names['eos']}:1"] if spec.prefix and not add_bos and "eos" in names else []
+        pair = " ".join([single, *([f"{names['bos']}:1"] if add_bos else []), "$B:1", *tail])
+        used = [*lead, *([names["eos"]] if tail else [])]
         backend.post_processor = processors.TemplateProcessing(
-            single=single, pair=f"{single} {' '.join(lead)} $B:1",
-            special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys(lead)])
+            single=single, pair=pair, special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys(used)])
     else:
         backend.post_processor = None
     tok = PreTrainedTokenizerFast(

@@ -19,12 +19,11 @@ sums in the same order, matches one process bit for bit here.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
+from test_distributed import _env, _metrics, _ok, _run
 
 CONFIG = "tiny_mistral_full_demo"
 OPTIONS = ["max_steps=5", "log_steps=1", "save_steps=100", "batch_size=1", "max_length=128", "evaluation_inputs=[]"]
@@ -32,51 +31,32 @@ ENGINES = {"ddp": [], "zero2": ["--deepspeed", "deepspeed_zero2"], "fsdp": ["--f
 TIMEOUT = 400  # seconds; a 4-process run takes 40-80 s on 2 shared cores
 
 
-def _env(cache: str, **extra) -> dict:
-    launch = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-              "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PACKTUNE_DEBUG_RAISE")
-    env = {k: v for k, v in os.environ.items() if k not in launch and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env.update(PACKTUNE_CACHE=cache, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
 def _train(work: str, env: dict, *args: str) -> str:
-    cmd = [sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *args]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    return proc.stdout
-
-
-def _metrics(work: str) -> list[dict]:
-    with open(os.path.join(work, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    rc, out, _ = _run([sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *args], env, timeout=TIMEOUT)
+    _ok(rc, out, f"packtune train {' '.join(args)}")
+    return out
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("packtune_cache"))
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, cache) -> dict:
-    """1 process x 2 accumulation steps: the global batch of 2 groups x 1 step."""
+def one_process(tmp_path_factory) -> dict:
+    """1 process x 2 accumulation steps: the global batch of 2 groups x 1 step (and the data
+    cache every run of this module reads)."""
     from packtune.convert import read_checkpoint
 
-    work = str(tmp_path_factory.mktemp("one"))
+    cache, work = (str(tmp_path_factory.mktemp(name)) for name in ("packtune_cache", "one"))
     _train(work, _env(cache), "--cfg-options", *OPTIONS, "accumulative_counts=2")
-    return {"metrics": _metrics(work), "state": read_checkpoint(os.path.join(work, "iter_5.pth"))}
+    return {"cache": cache, "metrics": _metrics(work), "state": read_checkpoint(os.path.join(work, "iter_5.pth"))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_sequence_parallel_training_equals_one_process(engine, one_process, cache, tmp_path):
+def test_sequence_parallel_training_equals_one_process(engine, one_process, tmp_path):
     if engine == "zero2":
         pytest.importorskip("deepspeed")
     from packtune.convert import read_checkpoint
 
     work = str(tmp_path / "work")
-    out = _train(work, _env(cache, NPROC_PER_NODE="4"), *ENGINES[engine], "--cfg-options", *OPTIONS, "sequence_parallel_size=2")
+    out = _train(work, _env(one_process["cache"], NPROC_PER_NODE="4"), *ENGINES[engine], "--cfg-options", *OPTIONS, "sequence_parallel_size=2")
     assert "sequence parallel: 2 data-parallel groups x 2 ranks (Ulysses)" in out
 
     got, want = _metrics(work), one_process["metrics"]

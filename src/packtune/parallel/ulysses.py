@@ -115,30 +115,27 @@ def _heads_to_seq(x: torch.Tensor, group, size: int) -> torch.Tensor:
     return out.transpose(0, 1).reshape(total // size, size * heads, dim)
 
 
-class SeqToHeads(torch.autograd.Function):
-    """All-to-all from sequence-sharded to head-sharded; the backward is ``HeadsToSeq``."""
+class _Reshard(torch.autograd.Function):
+    """One all-to-all, seq -> heads (``to_heads``) or back; the backward is the other one."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
-        ctx.group, ctx.size = group, size
-        return _seq_to_heads(x, group, size)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _heads_to_seq(grad, ctx.group, ctx.size), None, None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    """All-to-all from head-sharded back to sequence-sharded; the backward is ``SeqToHeads``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group, size: int) -> torch.Tensor:
-        ctx.group, ctx.size = group, size
-        return _heads_to_seq(x, group, size)
+    def forward(ctx, x: torch.Tensor, group, size: int, to_heads: bool) -> torch.Tensor:
+        ctx.group, ctx.size, ctx.to_heads = group, size, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group, size)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _seq_to_heads(grad, ctx.group, ctx.size), None, None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group, ctx.size), None, None, None
+
+
+def seq_to_heads(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Autograd all-to-all ``(L, size * h, d)`` -> ``(size * L, h, d)``; backward: ``heads_to_seq``."""
+    return _Reshard.apply(x, group, size, True)
+
+
+def heads_to_seq(x: torch.Tensor, group, size: int) -> torch.Tensor:
+    """Autograd all-to-all ``(size * L, h, d)`` -> ``(L, size * h, d)``; backward: ``seq_to_heads``."""
+    return _Reshard.apply(x, group, size, False)
 
 
 def ulysses_attention(
@@ -178,9 +175,7 @@ def ulysses_attention(
     if table != [list(range(r * kv_heads // size, (r + 1) * kv_heads // size)) for r in range(size)]:
         index = torch.tensor([h for row in table for h in row], device=k.device)
         k, v = k.index_select(1, index), v.index_select(1, index)
-    q_full = SeqToHeads.apply(q, sp.group, size)
-    k_full = SeqToHeads.apply(k, sp.group, size)
-    v_full = SeqToHeads.apply(v, sp.group, size)
+    q_full, k_full, v_full = (seq_to_heads(t, sp.group, size) for t in (q, k, v))
     if alibi_slopes is not None:
         alibi_slopes = alibi_slopes[..., sp.rank * mine : (sp.rank + 1) * mine]
     with torch.profiler.record_function("packtune.ulysses.attention"):
@@ -195,4 +190,4 @@ def ulysses_attention(
             alibi_slopes=alibi_slopes,
             **options,
         )
-    return HeadsToSeq.apply(out, sp.group, size)
+    return heads_to_seq(out, sp.group, size)

@@ -42,6 +42,8 @@ TOLERANCE = 1e-5
 #: with sp = 4 (shards of 12) the 17-token document is longer than a shard and spans three.
 LENGTHS = (5, 17, 3, 9, 7, 4)
 FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt_bigcode", "glm")
+#: Also checked: llama with activation checkpointing (the all-to-alls run again in backward).
+CHECKPOINTED = "llama+checkpointing"
 #: (query heads, KV heads) for the attention-level check, per number of ranks.
 HEAD_LAYOUTS = {
     1: [(4, 2), (4, 1)],
@@ -112,8 +114,10 @@ def check_family(family: str, sp, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(model_config(family), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config(family.split("+")[0]), dtype=torch.float32)
     enable_varlen(model)
+    if family == CHECKPOINTED:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     vocab = model.config.get_text_config().vocab_size
     packs = make_packs(vocab)
@@ -193,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join((*FAMILIES, CHECKPOINTED)))
     # cuBLAS picks its kernels by shape, so a shard's matmuls may round differently on a GPU.
     parser.add_argument("--tolerance", type=float, default=TOLERANCE)
     args = parser.parse_args()

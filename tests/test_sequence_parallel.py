@@ -8,7 +8,8 @@ errors (config, command line, models that mix tokens outside attention).
 Equivalence (``sequence_parallel_worker.py`` under torchrun, gloo): with sp = 2 and sp = 4
 processes, the logits and the gradient of every parameter of llama, qwen2, mistral (sliding
 window 4), gemma2 (soft-capping), gpt_bigcode (MQA: 1 KV head) and glm (partial rotary)
-equal one process, rel 1e-5, on a row of 6 documents that cross the shards. The ``gpu``
+equal one process, rel 1e-5, on a row of 6 documents that cross the shards (llama also with
+activation checkpointing, which runs the all-to-alls again in backward). The ``gpu``
 tests run the same worker on NCCL (a world of one, and every card).
 """
 
@@ -199,7 +200,7 @@ def _free_port() -> int:
     return free_port()
 
 
-FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt_bigcode", "glm")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma2", "gpt_bigcode", "glm", "llama+checkpointing")
 
 
 @pytest.mark.slow

@@ -19,6 +19,9 @@ several ranks need it; its gradient comes back summed by the indexing's backward
 The context (group, rank, the row's ``cu_seqlens``) travels with the batch: ``Batch``
 passes a ``UlyssesContext`` to the model's forward under the keyword ``SP_KWARG``, and
 transformers hands it to the ``"packtune_varlen"`` attention function of every layer.
+
+In ``torch.profiler`` traces the all-to-alls show as ``packtune.ulysses.all_to_all`` and the
+attention call as ``packtune.ulysses.attention``.
 """
 
 from __future__ import annotations
@@ -156,7 +159,7 @@ def ulysses_attention(
     """``attend`` over the whole row for this rank's heads, between the two all-to-alls.
 
     ``q`` ``(L, heads, d)``, ``k``/``v`` ``(L, kv_heads, d)`` are this rank's shard; the
-    result is its shard of the output, ``(L, heads, d_v)``, equal to that rows of ``attend``
+    result is its shard of the output, ``(L, heads, d_v)``, equal to those rows of ``attend``
     run on the whole row in one process. ``cu_seqlens_*``/``max_seqlen_*`` must be the whole
     row's (those of ``sp``, the default). ``alibi_slopes`` are those of all heads; each rank
     uses its own. ``options`` go to ``attend`` unchanged (causal, window, soft-capping, ...).

@@ -173,22 +173,30 @@ def memory_child(s: Settings, kind: str, tokens: int, device: str, dtype) -> dic
     small, _ = _batches([8, 8], cfg.vocab_size, device)
     _loss(model, small, _inputs(small, kind)).backward()
     model.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _reset_peak_rss()
+    before = memory_mark(device)
     t0 = time.perf_counter()
     _loss(model, packed, inputs).backward()
     synchronize(device)
     seconds = time.perf_counter() - t0
-    if device == "cuda":
-        peak, exact = torch.cuda.max_memory_allocated() - before, True
-    else:
-        high, exact = _peak_rss()
-        peak = high - before
+    peak, exact = memory_peak(device, before)
     return {"kind": kind, "tokens": tokens, "mb": peak / 2**20, "exact": exact, "seconds": seconds, "max_doc": max(lengths)}
+
+
+def memory_mark(device: str) -> int:
+    """Start a peak-memory measurement: reset the peak; returns the memory in use now."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    return _reset_peak_rss()
+
+
+def memory_peak(device: str, before: int) -> tuple[int, bool]:
+    """Bytes the peak grew since ``memory_mark`` returned ``before``, and whether exact."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() - before, True
+    high, exact = _peak_rss()
+    return high - before, exact
 
 
 def _status(field: str) -> int | None:

@@ -79,5 +79,25 @@ if ! timeout "$(left)" "$PYTHON" benchmarks/bench.py --quick --device cuda --out
     status=1
 fi
 
+# --- issue 11, sequence parallelism: the Ulysses all-to-alls on NCCL -------------------------
+# (kept as one block of its own). The gpu tests of tests/test_sequence_parallel.py: a world of
+# one card always, every card (up to 4) when there are two or more; then bench_sp.py on CUDA
+# with the sizes the cards allow.
+echo "== sequence parallelism on NCCL"
+cards=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if ! timeout "$(left)" "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_sequence_parallel.py; then
+    echo "FAIL: sequence-parallel gpu tests"
+    status=1
+fi
+sp_sizes="1"
+[ "$cards" -ge 2 ] && sp_sizes="1 2"
+[ "$cards" -ge 4 ] && sp_sizes="1 2 4"
+# shellcheck disable=SC2086
+if ! timeout "$(left)" "$PYTHON" benchmarks/bench_sp.py --device cuda --sizes $sp_sizes --repeats 2 --out benchmarks/results-sp-gpu.md; then
+    echo "FAIL: bench_sp.py"
+    status=1
+fi
+# --- end of issue 11 block -------------------------------------------------------------------
+
 echo "== done in $(( $(date +%s) - start )) s, status $status"
 exit $status

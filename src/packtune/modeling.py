@@ -14,6 +14,7 @@ import torch
 
 from packtune.attention.hf import ATTN_IMPLEMENTATION, BACKEND_ATTR, cu_seqlens_from_position_ids
 from packtune.attention.varlen import BACKENDS
+from packtune.parallel.ulysses import SP_KWARG
 
 
 class LeakError(RuntimeError):
@@ -56,6 +57,8 @@ def _attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
     """
     if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is None:
         return None
+    if kwargs.get(SP_KWARG) is not None:
+        return None  # a sequence-parallel shard: its context holds the whole row's documents
     cache = kwargs.get("past_key_values", kwargs.get("cache"))
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         return None

@@ -30,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from packtune.attention.backends import math_attention
 from packtune.attention.varlen import varlen_attn_func
+from packtune.parallel.ulysses import SP_KWARG
 
 ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
@@ -127,13 +128,21 @@ def packtune_attention_forward(
     rows, heads, tq, dim = query.shape
     tk = key.shape[2]
     position_ids = kwargs.get("position_ids")
+    sp = kwargs.get(SP_KWARG)
     if attention_mask is not None:
+        if sp is not None:
+            raise NotImplementedError("packtune_varlen: sequence parallelism takes packed rows without an attention mask")
         if attention_mask.dim() != 4:
             raise ValueError(f"packtune_varlen expects a 4-D mask or None, got shape {tuple(attention_mask.shape)}")
         return _dense(query, key, value, attention_mask, scaling, softcap, dropout, position_ids), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is not None and cu_k is not None:
+    # Sequence parallelism: this rank holds a shard of one row; attention runs over the whole
+    # row (its documents in the context) between two all-to-alls (packtune.parallel.ulysses).
+    if sp is not None:
+        cu_q = cu_k = sp.cu_seqlens
+        max_q = max_k = sp.max_seqlen
+    elif cu_q is not None and cu_k is not None:
         max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
         if tq != tk and int(cu_k[-1]) != rows * tk:
             raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
@@ -151,7 +160,8 @@ def packtune_attention_forward(
         lengths_q = cu_q.diff()
         max_q = int(lengths_q.max()) if lengths_q.numel() else 0
         max_k = max_q if cu_k is cu_q else int(cu_k.diff().max())
-    out = varlen_attn_func(
+    attend = varlen_attn_func if sp is None else sp.wrap(varlen_attn_func)
+    out = attend(
         query.transpose(1, 2).reshape(rows * tq, heads, dim),
         key.transpose(1, 2).reshape(rows * tk, key.shape[1], dim),
         value.transpose(1, 2).reshape(rows * tk, value.shape[1], value.shape[-1]),

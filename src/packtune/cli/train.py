@@ -17,6 +17,7 @@ packtune train tiny_mistral_full_demo --work-dir work_dirs/demo
 packtune train ./my_config.py --cfg-options lr=1e-4 max_steps=100
 packtune train ./my_config.py --resume auto          # continue from work_dir/last_checkpoint
 NPROC_PER_NODE=8 packtune train ./my_config.py --deepspeed deepspeed_zero2
+NPROC_PER_NODE=8 packtune train ./my_config.py --cfg-options sequence_parallel_size=4   # 2 x 4: long rows
 srun -N2 --ntasks-per-node=8 packtune train ./my_config.py --launcher slurm --deepspeed deepspeed_zero3
 torchrun --nproc_per_node=2 -m packtune train ./my_config.py --launcher pytorch --fsdp
 """
@@ -42,6 +43,19 @@ def _work_dir(args: argparse.Namespace) -> str:
     return os.path.join("work_dirs", Path(args.config).stem)
 
 
+def _check_world(sequence_parallel_size: int) -> None:
+    """Before starting ``NPROC_PER_NODE`` x ``NNODES`` processes: can they be split?"""
+    from packtune.parallel.sizes import world_problem
+
+    try:
+        world = int(os.environ["NPROC_PER_NODE"]) * int(os.environ.get("NNODES", "1"))
+    except ValueError:
+        return  # torchrun's own spellings ("gpu", "auto", "1:2"): each rank checks at setup
+    problem = world_problem(sequence_parallel_size, world)
+    if problem:
+        raise CliError(f"{problem} (NPROC_PER_NODE x NNODES)")
+
+
 def run(args: argparse.Namespace) -> int:
     # Validation first: a config error never waits for torch, a model or the data.
     overrides = list(args.cfg_options) + ([f"seed={args.seed}"] if args.seed is not None else [])
@@ -50,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     relaunch = torchrun_command(args.argv) if args.launcher == "none" else None
     if relaunch:
+        _check_world(settings.sequence_parallel_size)
         return subprocess.call(relaunch)
     if args.deepspeed:
         from packtune.recipe.engine_deepspeed import resolve_deepspeed_config

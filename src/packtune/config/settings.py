@@ -146,6 +146,8 @@ class Settings:
     # --- Schedule ----------------------------------------------------------------------
     batch_size: int = _f(1, 1, "packed rows per micro-batch per process")
     accumulative_counts: int = _f(1, 1, "micro-batches per optimizer step")
+    sequence_parallel_size: int = _f(
+        1, 1, "ranks that share each packed row, one shard each (Ulysses); processes = data parallel x this")
     max_epochs: int = _f(1, 1, "passes over the data")
     max_steps: int | None = _f(None, 1, "stop after N optimizer steps, overriding max_epochs (None = run max_epochs)")
     lr: float = _f(2e-5, 1, "peak learning rate (AdamW)")

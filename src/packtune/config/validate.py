@@ -17,6 +17,7 @@ from typing import Any
 
 from packtune.config import settings as S
 from packtune.config.settings import Problem, Settings
+from packtune.parallel.sizes import heads_problem
 
 # Common spellings of valid choices that difflib does not find on its own.
 ALIASES = {
@@ -42,7 +43,6 @@ XTUNER_NAMES = {
     "alpaca_en_path": "rename it `dataset`",
     "optim_type": "remove it: packtune always uses AdamW",
     "dataloader_num_workers": "remove it: packtune reads packed rows from memory",
-    "sequence_parallel_size": "remove it: packtune has no sequence parallelism",
     "lora_r": "put it inside `lora`: `lora = dict(r=...)`",
     "lora_alpha": "put it inside `lora`: `lora = dict(alpha=...)`",
     "lora_dropout": "put it inside `lora`: `lora = dict(dropout=...)`",
@@ -254,6 +254,7 @@ CHECKS: dict[str, Check] = {
     "data_cache_dir": OPT_TEXT,
     "batch_size": INT(1),
     "accumulative_counts": INT(1),
+    "sequence_parallel_size": INT(1),
     "max_epochs": INT(1),
     "max_steps": OPTIONAL(INT(1)),
     "lr": NUMBER(0, 1, low_open=True, example=2e-5),
@@ -433,12 +434,27 @@ def _combinations(v: Mapping[str, Any], problems: list[Problem]) -> None:
             if _is_int(mpe) and mpe < v["max_length"]:
                 add("model_config", f"`model_config['max_position_embeddings']` is {mpe}, shorter than `max_length = {v['max_length']}`",
                     f"set `max_position_embeddings` to at least {v['max_length']}, or lower `max_length`")
+    if ok("sequence_parallel_size", "use_varlen_attn", "model_config") and v["sequence_parallel_size"] > 1:
+        _check_sequence_parallel(v["sequence_parallel_size"], v["use_varlen_attn"], v["model_config"], add)
     if ok("pack_strategy", "pack_to_max_length") and v["pack_strategy"] == "concat" and not v["pack_to_max_length"]:
         add("pack_strategy", "`pack_strategy = 'concat'` cuts the token stream into packed rows, but `pack_to_max_length = False`",
             "set `pack_to_max_length = True` (with `use_varlen_attn = True`), or `pack_strategy = 'bfd'`")
     if ok("lora", "model_config") and v["lora"] and v["lora"]["quantization"] and v["model_config"] is not None:
         add("lora", "`lora['quantization']` (QLoRA) quantizes pretrained weights at load time; a random-init "
             "`model_config` has none", "set `lora['quantization'] = None`, or fine-tune a pretrained model")
+
+
+def _check_sequence_parallel(size: int, varlen: bool, model_config: dict | None, add) -> None:
+    """``sequence_parallel_size > 1`` needs varlen rows and query heads it divides (known here
+    for a ``model_config``; a pretrained model's heads are checked when it is loaded)."""
+    if not varlen:
+        add("sequence_parallel_size", f"`sequence_parallel_size = {size}` shards packed varlen rows, but `use_varlen_attn = False`",
+            "set `use_varlen_attn = True` (with `pack_to_max_length = True`), or `sequence_parallel_size = 1`")
+    heads = (model_config or {}).get("num_attention_heads", (model_config or {}).get("n_head"))
+    problem = heads_problem(size, heads) if _is_int(heads) and heads > 0 else None
+    if problem:
+        add("sequence_parallel_size", f"`model_config`: {problem}",
+            "set `sequence_parallel_size` to one of those (that also divides the number of processes)")
 
 
 def check_settings(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:

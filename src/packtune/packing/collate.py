@@ -14,7 +14,9 @@ Example: packs ``[a a a | b b]`` and ``[c c c c]`` become::
     max_length_q  4                    (= max_length_k)
 
 ``pad_to_multiple_of`` appends padding as a document of its own (labels ``-100``), so it can
-never be attended to by, or train, a real token.
+never be attended to by, or train, a real token; ``Batch.padding`` counts it (it is not a
+real token). Sequence parallelism pads each row this way to a multiple of
+``sequence_parallel_size`` and cuts it into shards (``packtune.parallel.shard``).
 
 ``collate_padded`` is the classic layout for models that cannot take varlen rows: one sample
 per row, right-padded, with a 2-D ``attention_mask``.
@@ -22,6 +24,7 @@ per row, right-padded, with a 2-D ``attention_mask``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,12 +32,17 @@ import numpy as np
 import torch
 
 from packtune.packing.packs import IGNORE_INDEX
+from packtune.parallel.ulysses import SP_KWARG, UlyssesContext
 
 
 @dataclass
 class Batch:
     """One micro-batch. ``cu_seqlens`` always describes the documents over the flattened
-    ``rows * length`` tokens (a padded batch: one document per row), for the loss."""
+    ``rows * length`` tokens (a padded batch: one document per row), for the loss.
+
+    ``padding``: trailing tokens of the row that are padding (``pad_to_multiple_of``).
+    ``sequence_parallel``: set on a sequence-parallel shard (``shard_micro_batch``): the tensors
+    are this rank's shard, ``cu_seqlens``/``max_seqlen`` and the context are the whole row's."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -42,6 +50,8 @@ class Batch:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     attention_mask: torch.Tensor | None = None
+    padding: int = 0
+    sequence_parallel: UlyssesContext | None = None
 
     @property
     def varlen(self) -> bool:
@@ -52,10 +62,15 @@ class Batch:
         """Real (non-padding) tokens."""
         if self.attention_mask is not None:
             return int(self.attention_mask.sum())
-        return int(self.input_ids.numel())
+        return int(self.input_ids.numel()) - self.padding
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for ``model(**...)``; never a 2-D mask with packed rows."""
+        """Keyword arguments for ``model(**...)``; never a 2-D mask with packed rows.
+
+        A sequence-parallel shard passes its global ``position_ids`` and the context (the
+        whole row's documents) instead of ``cu_seq_lens``, which would describe the shard."""
+        if self.sequence_parallel is not None:
+            return {"input_ids": self.input_ids, "position_ids": self.position_ids, SP_KWARG: self.sequence_parallel}
         if self.varlen:
             return {
                 "input_ids": self.input_ids,
@@ -76,6 +91,9 @@ class Batch:
             cu_seqlens=move(self.cu_seqlens),
             max_seqlen=self.max_seqlen,
             attention_mask=move(self.attention_mask),
+            padding=self.padding,
+            sequence_parallel=None if self.sequence_parallel is None else dataclasses.replace(
+                self.sequence_parallel, cu_seqlens=move(self.sequence_parallel.cu_seqlens)),
         )
 
 
@@ -92,6 +110,7 @@ def collate_varlen(packs: Sequence[dict], pad_to_multiple_of: int | None = None,
         cu.append(np.asarray(p["cu_seqlens"][1:], dtype=np.int64) + total)
         total += len(p["input_ids"])
     max_seqlen = max(int(p["max_seqlen"]) for p in packs)
+    pad = 0
     if pad_to_multiple_of and total % pad_to_multiple_of:
         pad = pad_to_multiple_of - total % pad_to_multiple_of
         ids.append(np.full(pad, pad_token_id, dtype=np.int64))
@@ -106,6 +125,7 @@ def collate_varlen(packs: Sequence[dict], pad_to_multiple_of: int | None = None,
         position_ids=torch.from_numpy(np.concatenate(pos).astype(np.int64)).unsqueeze(0),
         cu_seqlens=torch.from_numpy(np.concatenate(cu)).to(torch.int32),
         max_seqlen=max_seqlen,
+        padding=pad,
     )
 
 

@@ -6,6 +6,10 @@ batch_size`` slots; slot ``a * world_size + r`` is micro-batch ``a`` of rank ``r
 processes x 1 accumulation step and 1 process x 2 accumulation steps train on the same packs
 at every step, and (with the global loss normalisation) make the same update.
 
+With sequence parallelism (``sequence_parallel_size = sp``) the plan counts data-parallel
+ranks: ``world_size = world / sp`` and ``rank = global rank // sp``; the ``sp`` ranks of a
+group train on the same packs, each on its shard of every row (``packtune.parallel``).
+
 The last step of an epoch may have fewer packs than slots: a rank with an empty slot runs a
 one-token batch with nothing to train (every rank must join the gradient sync), so no pack is
 dropped and none is repeated.

@@ -21,6 +21,8 @@ from packtune.loss import target_weights, weighted_loss_sum
 from packtune.modeling import transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
+from packtune.parallel.groups import SequenceParallel
+from packtune.parallel.shard import shard_micro_batch
 
 
 @dataclass
@@ -91,20 +93,28 @@ def forward_loss_sum(
     return weighted_loss_sum(logits, targets, weights)
 
 
-def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, compute_dtype: torch.dtype = torch.float32) -> StepResult:
+def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, compute_dtype: torch.dtype = torch.float32,
+                         sequence_parallel: SequenceParallel | None = None) -> StepResult:
     """Forward and backward every micro-batch of this rank for one step; no optimizer update.
 
     ``engine`` provides ``model``, ``world_size``, ``all_reduce_sum(tensor)``,
     ``accumulate(last)`` (a context that skips gradient sync except on the last micro-batch)
     and ``backward(loss)``. Engines average gradients over ranks, hence the ``world_size``.
+
+    With ``sequence_parallel``, each micro-batch is a whole row shared by the ranks of the
+    group: its targets and weights are computed on the whole row, then every rank keeps its
+    shard of tokens, targets and weights, so each target is counted once over all ranks.
     """
     device = micro_batches[0].input_ids.device
     weighted = [target_weights(mb.labels, mb.cu_seqlens, reduction) for mb in micro_batches]
+    if sequence_parallel is not None:
+        shards = [shard_micro_batch(mb, t, w, sequence_parallel) for mb, (t, w) in zip(micro_batches, weighted)]
+        micro_batches, weighted = [s[0] for s in shards], [s[1:] for s in shards]
     local = torch.zeros(3, dtype=torch.float64, device=device)
-    for mb, (_, weights) in zip(micro_batches, weighted):
+    for mb, (targets, weights) in zip(micro_batches, weighted):
         local[0] += weights.sum().double()
         local[1] += mb.num_tokens
-        local[2] += (mb.labels[:, 1:] != IGNORE_INDEX).sum()
+        local[2] += (targets != IGNORE_INDEX).sum()
     total, tokens, trained = (float(x) for x in engine.all_reduce_sum(local))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, (targets, weights)) in enumerate(zip(micro_batches, weighted)):

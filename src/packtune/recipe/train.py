@@ -26,12 +26,14 @@ from packtune.config import settings_to_dict
 from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
 from packtune.distributed import DistEnv, cleanup, init_distributed
 from packtune.packing.collate import collate_padded, collate_varlen
+from packtune.parallel.groups import SequenceParallel, SequenceParallelError, init_sequence_parallel
+from packtune.parallel.limits import check_splittable
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe.batches import StepPlan, empty_pack
 from packtune.recipe.engines import engine_kind, make_engine
 from packtune.recipe.evaluate import evaluate
 from packtune.recipe.metrics import MetricsLogger
-from packtune.recipe.model_setup import build_model, compute_dtype, model_source
+from packtune.recipe.model_setup import SetupError, build_model, compute_dtype, model_source
 from packtune.recipe.step import accumulate_gradients
 
 log = logging.getLogger("packtune")
@@ -80,7 +82,11 @@ def _resume_path(opts: RunOptions) -> str | None:
 
 def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
     packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
-    return collate_varlen(packs) if settings.use_varlen_attn else collate_padded(packs, pad_token_id=pad_id)
+    if not settings.use_varlen_attn:
+        return collate_padded(packs, pad_token_id=pad_id)
+    # Sequence parallelism cuts the row into equal shards: pad it with a document of its own.
+    sp = settings.sequence_parallel_size
+    return collate_varlen(packs, pad_to_multiple_of=sp if sp > 1 else None, pad_token_id=pad_id)
 
 
 def _prepare_data(settings, tokenizer, env: DistEnv):
@@ -92,6 +98,26 @@ def _prepare_data(settings, tokenizer, env: DistEnv):
     if env.distributed and env.is_main:
         torch.distributed.barrier()
     return dataset
+
+
+def _sequence_parallel(settings, env: DistEnv) -> SequenceParallel | None:
+    """The ``(dp, sp)`` grid for ``sequence_parallel_size`` (None when it is 1); a world it
+    cannot split is a one-line ``SetupError`` naming the sizes that work."""
+    try:
+        sp = init_sequence_parallel(settings.sequence_parallel_size, env.rank, env.world_size, env.device.type)
+    except SequenceParallelError as exc:
+        raise SetupError(str(exc)) from exc
+    if sp:
+        log.info("sequence parallel: %d data-parallel groups x %d ranks (Ulysses)", sp.dp_size, sp.size)
+    return sp
+
+
+def _check_splittable(settings, env: DistEnv, model) -> None:
+    """A model sequence parallelism cannot split is a one-line ``SetupError``."""
+    try:
+        check_splittable(model, settings.sequence_parallel_size, env.world_size)
+    except SequenceParallelError as exc:
+        raise SetupError(str(exc)) from exc
 
 
 def _save(engine, opts: RunOptions, settings, step: int, plan: StepPlan, env: DistEnv) -> str:
@@ -182,12 +208,16 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
                         f"dropped {r.dropped or 0} (packtune log-dataset CONFIG shows the full report)")
     dtype = compute_dtype(settings.dtype, env.device)
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
+    sp = _sequence_parallel(settings, env)  # before the model: a world it cannot split fails fast
     model = build_model(settings, env.device, dtype)
+    _check_splittable(settings, env, model)
+    # The ranks of a sequence-parallel group share their packs: data parallelism is over groups.
+    dp_size, dp_rank = (sp.dp_size, sp.dp_rank) if sp else (env.world_size, env.rank)
     plan = StepPlan(
         dataset,
         settings.batch_size,
         settings.accumulative_counts,
-        env.world_size,
+        dp_size,
         settings.max_epochs,
         settings.max_steps,
         balance=settings.balance_attention,
@@ -220,9 +250,9 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
     for step in range(start, plan.total_steps):
         if fault_step == step + 1:
             raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {env.rank} raises at step {step + 1}")
-        slots = plan.micro_batches(step, env.rank)
+        slots = plan.micro_batches(step, dp_rank)
         batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
-        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype)
+        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, sequence_parallel=sp)
         grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
         if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
             # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.

@@ -171,12 +171,13 @@ def _shapes(family: str, cfg: dict) -> dict[str, tuple]:
     return s
 
 
-def write_checkpoint(folder, family: str, seed: int = 0) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Write a tiny original-layout checkpoint of ``family``; returns ``(config, tensors)``."""
+def write_checkpoint(folder, family: str, seed: int = 0, **overrides) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Write a tiny original-layout checkpoint of ``family`` (config keys ``overrides``
+    changed); returns ``(config, tensors)``."""
     from safetensors.torch import save_file
 
     cfg, fmt, sharded = CONFIGS[family]
-    cfg = json.loads(json.dumps(cfg))
+    cfg = {**json.loads(json.dumps(cfg)), **overrides}
     state = original_tensors(family, cfg, seed)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:

@@ -50,6 +50,12 @@ def _config_dict(name_or_path: str, kwargs: dict) -> tuple[dict | None, str | No
     return files.hub_config(name_or_path, **kwargs), None
 
 
+def port_for(name_or_path: str | os.PathLike, **kwargs) -> Port | None:
+    """The port a checkpoint (folder or hub id) loads through, None for other models."""
+    cfg, _ = _config_dict(str(name_or_path), kwargs)
+    return find_port(cfg) if cfg is not None else None
+
+
 def _resolve_dtype(dtype, state: dict[str, torch.Tensor]) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -62,9 +68,9 @@ def _load_original(name_or_path: str, folder: str | None, cfg: dict, port: Port,
     """A ported checkpoint in its original layout -> its native class with converted weights."""
     from transformers import AutoModelForCausalLM
 
+    native_cfg = port.native_config(cfg)  # refuses an unsupported variant before any download
     folder = folder or files.hub_folder(name_or_path, **kwargs)
     state, fmt = files.read_weights(folder)
-    native_cfg = port.native_config(cfg)
     setattr(native_cfg, META, {"family": port.family, "config": cfg, "weights": fmt, "source": os.path.abspath(folder)})
     native_state = port.layout(cfg).to_native(state)
     del state

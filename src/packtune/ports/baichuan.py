@@ -17,25 +17,27 @@ Baichuan2's z-loss is a training-loss term of the original's own ``forward(label
 
 from __future__ import annotations
 
-from packtune.ports.layout import LLAMA_QKV, Fused, Layout, PortError, llama_identity, split_rows
-from packtune.ports.port import Port, common, need
+from packtune.ports.layout import (
+    LLAMA_QKV,
+    Fused,
+    Layout,
+    PortError,
+    llama_identity,
+    split_rows,
+)
+from packtune.ports.port import Port, common, sizes
 
 LAYER = "model.layers.{L}."
-_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 
 
 def _rope_config(label: str):
     def native_config(cfg: dict):
         from transformers import LlamaConfig
 
-        need(cfg, label, *_KEYS, "max_position_embeddings")
+        size = sizes(cfg, label, "max_position_embeddings")
         return LlamaConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_key_value_heads=cfg["num_attention_heads"],
+            **size,
+            num_key_value_heads=size["num_attention_heads"],
             max_position_embeddings=cfg["max_position_embeddings"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             attention_bias=False,
@@ -52,13 +54,8 @@ def _alibi_config(label: str, norm_head: bool):
     def native_config(cfg: dict):
         from packtune.ports.baichuan_alibi import BaichuanAlibiConfig
 
-        need(cfg, label, *_KEYS, "model_max_length")
         return BaichuanAlibiConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
+            **sizes(cfg, label, "model_max_length"),
             model_max_length=cfg["model_max_length"],
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             norm_head=norm_head,

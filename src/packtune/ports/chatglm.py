@@ -13,8 +13,18 @@ ChatGLM-6B (v1) is another architecture (2-D positions, prefix attention) and is
 
 from __future__ import annotations
 
-from packtune.ports.layout import LLAMA_EMBED, LLAMA_HEAD, LLAMA_NORM, LLAMA_NORMS, LLAMA_QKV, Fused, Layout, PortError, split_rows
-from packtune.ports.port import Port, common, need, refuse_if
+from packtune.ports.layout import (
+    LLAMA_EMBED,
+    LLAMA_HEAD,
+    LLAMA_NORM,
+    LLAMA_NORMS,
+    LLAMA_QKV,
+    Fused,
+    Layout,
+    PortError,
+    split_rows,
+)
+from packtune.ports.port import Port, common, refuse_if, sizes
 
 LABEL = "ChatGLM2/3"
 ORIG = "transformer.encoder.layers.{L}."
@@ -40,7 +50,7 @@ def native_config(cfg: dict):
     from transformers import GlmConfig
 
     check_version(cfg)
-    need(cfg, LABEL, "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_layers", "padded_vocab_size")
+    size = sizes(cfg, LABEL, vocab_size="padded_vocab_size", intermediate_size="ffn_hidden_size", num_hidden_layers="num_layers")
     refuse_if(not cfg.get("rmsnorm", True), LABEL, "LayerNorm (rmsnorm = false)")
     refuse_if(cfg.get("apply_residual_connection_post_layernorm", False), LABEL, "apply_residual_connection_post_layernorm")
     refuse_if(not cfg.get("post_layer_norm", True), LABEL, "post_layer_norm = false")
@@ -48,17 +58,13 @@ def native_config(cfg: dict):
     refuse_if(not cfg.get("original_rope", True), LABEL, "original_rope = false")
     refuse_if(bool(cfg.get("quantization_bit")), LABEL, f"quantization_bit = {cfg.get('quantization_bit')} (quantized weights)")
     refuse_if(cfg.get("pre_seq_len") is not None, LABEL, "pre_seq_len (P-tuning prefix)")
-    heads, kv, d = _heads(cfg)
+    _, kv, d = _heads(cfg)
     kwargs = common(cfg)
     kwargs.setdefault("eos_token_id", 2)
     kwargs.setdefault("pad_token_id", 0)
     kwargs["hidden_act"] = "silu"
     return GlmConfig(
-        vocab_size=cfg["padded_vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["ffn_hidden_size"],
-        num_hidden_layers=cfg["num_layers"],
-        num_attention_heads=heads,
+        **size,
         num_key_value_heads=kv,
         head_dim=d,
         max_position_embeddings=cfg.get("seq_length", 8192),

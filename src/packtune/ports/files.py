@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor], st
 
             part = load_file(str(path), device="cpu")
         else:
-            part = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                part = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise PortError(f"{path} holds more than tensors: packtune loads .bin weights with weights_only=True "
+                                f"and never runs pickled code ({str(exc).splitlines()[0]})") from exc
         state.update(part)
     return state, fmt
 

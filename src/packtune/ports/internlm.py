@@ -10,7 +10,7 @@ formula. Checkpoints carry ``rotary_emb.inv_freq`` buffers: derived, dropped.
 from __future__ import annotations
 
 from packtune.ports.layout import LLAMA_QKV, Layout, llama_identity
-from packtune.ports.port import Port, common, need, refuse_if
+from packtune.ports.port import Port, common, refuse_if, sizes
 
 LABEL = "InternLM"
 
@@ -18,21 +18,16 @@ LABEL = "InternLM"
 def native_config(cfg: dict):
     from transformers import LlamaConfig
 
-    need(cfg, LABEL, "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    size = sizes(cfg, LABEL)
     rotary = cfg.get("rotary") or {"base": 10000, "type": "dynamic"}
     kind = rotary.get("type", "dynamic")
     refuse_if(kind not in ("origin", "dynamic"), LABEL, f"rotary type {kind!r}")
     rope = {"rope_type": "default", "rope_theta": float(rotary.get("base", 10000))}
     if kind == "dynamic":
         rope.update(rope_type="dynamic", factor=float(rotary.get("scaling_factor", 1.0)))
-    heads = cfg["num_attention_heads"]
     return LlamaConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+        **size,
+        num_key_value_heads=cfg.get("num_key_value_heads") or size["num_attention_heads"],
         max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         attention_bias=bool(cfg.get("bias", True)),

@@ -12,8 +12,18 @@ from __future__ import annotations
 
 import torch
 
-from packtune.ports.layout import LLAMA_EMBED, LLAMA_HEAD, LLAMA_MLP, LLAMA_NORM, LLAMA_NORMS, LLAMA_O, LLAMA_QKV, Fused, Layout
-from packtune.ports.port import Port, common, need, rope
+from packtune.ports.layout import (
+    LLAMA_EMBED,
+    LLAMA_HEAD,
+    LLAMA_MLP,
+    LLAMA_NORM,
+    LLAMA_NORMS,
+    LLAMA_O,
+    LLAMA_QKV,
+    Fused,
+    Layout,
+)
+from packtune.ports.port import Port, common, rope, sizes
 
 LABEL = "InternLM2"
 LAYER = "model.layers.{L}."
@@ -28,15 +38,10 @@ def _heads(cfg: dict) -> tuple[int, int, int]:
 def native_config(cfg: dict):
     from transformers import LlamaConfig
 
-    need(cfg, LABEL, "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    heads, kv, _ = _heads(cfg)
+    size = sizes(cfg, LABEL)
     return LlamaConfig(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
+        **size,
+        num_key_value_heads=_heads(cfg)[1],
         max_position_embeddings=cfg.get("max_position_embeddings", 32768),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         attention_bias=bool(cfg.get("bias", False)),

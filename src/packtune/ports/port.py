@@ -34,6 +34,17 @@ def need(cfg: dict, label: str, *keys: str) -> None:
         raise PortError(f"{label} config.json lacks {', '.join(missing)}: not a checkpoint packtune can port")
 
 
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def sizes(cfg: dict, label: str, *extra: str, **renamed: str) -> dict:
+    """The five sizes every native config takes, from the original's keys (``renamed``: native
+    name -> original key, e.g. ChatGLM's ``num_layers``); refuses a config lacking one, or ``extra``."""
+    keys = {name: renamed.get(name, name) for name in SIZES}
+    need(cfg, label, *keys.values(), *extra)
+    return {name: cfg[key] for name, key in keys.items()}
+
+
 def refuse_if(condition: bool, label: str, what: str) -> None:
     """Refuse, in one line, a variant of a family that the native class does not compute."""
     if condition:

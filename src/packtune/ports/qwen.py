@@ -11,8 +11,19 @@ says so once when a model in eval mode (``chat``, evaluation) runs beyond ``seq_
 
 from __future__ import annotations
 
-from packtune.ports.layout import LLAMA_EMBED, LLAMA_HEAD, LLAMA_MLP, LLAMA_NORM, LLAMA_NORMS, LLAMA_O, LLAMA_QKV, Fused, Layout, split_rows
-from packtune.ports.port import Port, common, need, refuse_if
+from packtune.ports.layout import (
+    LLAMA_EMBED,
+    LLAMA_HEAD,
+    LLAMA_MLP,
+    LLAMA_NORM,
+    LLAMA_NORMS,
+    LLAMA_O,
+    LLAMA_QKV,
+    Fused,
+    Layout,
+    split_rows,
+)
+from packtune.ports.port import Port, common, refuse_if, sizes
 
 LABEL = "Qwen-1"
 LAYER = "transformer.h.{L}."
@@ -21,17 +32,13 @@ LAYER = "transformer.h.{L}."
 def native_config(cfg: dict):
     from transformers import Qwen2Config
 
-    need(cfg, LABEL, "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
-    heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+    size = sizes(cfg, LABEL)
+    heads, hidden = size["num_attention_heads"], size["hidden_size"]
     refuse_if(float(cfg.get("rotary_pct", 1.0)) != 1.0, LABEL, f"rotary_pct = {cfg.get('rotary_pct')}")
     refuse_if(cfg.get("kv_channels", hidden // heads) * heads != hidden, LABEL, "kv_channels * num_attention_heads != hidden_size")
     refuse_if(not cfg.get("no_bias", True), LABEL, "no_bias = false (biases on the output and MLP layers)")
     return Qwen2Config(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=hidden,
-        intermediate_size=cfg["intermediate_size"] // 2,
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=heads,
+        **{**size, "intermediate_size": size["intermediate_size"] // 2},
         num_key_value_heads=heads,
         max_position_embeddings=cfg.get("max_position_embeddings") or cfg.get("seq_length", 8192),
         rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-6),

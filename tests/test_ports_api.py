@@ -126,6 +126,15 @@ def test_alibi_decoding_with_a_cache_matches_full_recompute(tmp_path):
     both = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False)
     alone = model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=4, do_sample=False)
     assert both[0, 3:].tolist() == alone[0].tolist() and both[1].tolist() == out[0, :10].tolist()
+    # Right-padded training rows (use_varlen_attn = False): the real tokens never see the padding.
+    with torch.no_grad():
+        padded = model(batch.flip(1), attention_mask=mask.flip(1), use_cache=False).logits
+        torch.testing.assert_close(padded[0, :3], model(short.flip(1), use_cache=False).logits[0], rtol=1e-5, atol=1e-5)
+    # attn_implementation passed to load_model is kept (no varlen switch); ALiBi stays per document.
+    eager = load_model(tmp_path / "base", attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(prompt).logits, model(prompt, use_cache=False).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_qwen_says_once_where_the_original_differs(tmp_path):

@@ -29,8 +29,6 @@ SIDE_FILES = (
     "*.py", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.tiktoken", "*.model",
     "vocab.*", "merges.txt", "generation_config.json",
 )
-#: What a hub download of a ported checkpoint fetches.
-HUB_PATTERNS = ("*.json", "*.safetensors", "*.bin", *SIDE_FILES)
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -110,11 +108,17 @@ def copy_side_files(source: str | os.PathLike | None, target: str | os.PathLike)
 
 
 def hub_folder(repo_id: str, **kwargs) -> str:
-    """A local snapshot of hub repo ``repo_id`` with its config, weights, code and tokenizer files."""
+    """A local snapshot of hub repo ``repo_id``: config, code and tokenizer files, and one
+    weight format (safetensors when the repo has it, else ``.bin``; never both)."""
     from huggingface_hub import snapshot_download
 
     allowed = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
-    return snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS), **allowed)
+    folder = snapshot_download(repo_id, allow_patterns=["*.json", *SIDE_FILES], **allowed)
+    for suffix in (".safetensors", ".bin"):
+        folder = snapshot_download(repo_id, allow_patterns=[f"*{suffix}"], **allowed)
+        if any(name.endswith(suffix) for name in os.listdir(folder)):
+            break
+    return folder
 
 
 def hub_config(repo_id: str, **kwargs) -> dict | None:

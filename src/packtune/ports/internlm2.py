@@ -42,9 +42,9 @@ def native_config(cfg: dict):
     return LlamaConfig(
         **size,
         num_key_value_heads=_heads(cfg)[1],
-        max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        attention_bias=bool(cfg.get("bias", False)),
+        attention_bias=bool(cfg.get("bias", True)),  # configuration_internlm2.py defaults to True
         mlp_bias=False,
         rope_parameters=rope(cfg.get("rope_theta", 10000), cfg.get("rope_scaling"), LABEL),
         **common(cfg),

@@ -199,8 +199,10 @@ def test_lora_export_is_native_only_and_merges_to_either_layout(tmp_path, capsys
     from packtune.cli.chat import load_chat_model
 
     ids = torch.tensor([[1, 1824, 2369, 1235, 264, 11503]])
+    chat_model = load_chat_model(str(adapter), "cpu")[0]
+    assert chat_model.config.use_cache is True  # load_model turns it off for training; chat turns it back on
     with torch.no_grad():
-        via_adapter = load_chat_model(str(adapter), "cpu")[0](ids).logits
+        via_adapter = chat_model(ids).logits
         torch.testing.assert_close(load_chat_model(str(merged), "cpu")[0](ids).logits, via_adapter, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(load_model(base)(ids).logits, via_adapter)
     assert main(["chat", str(adapter), "--prompt", "What sound does a cow make?", "--max-new-tokens", "3"]) == 0

@@ -28,6 +28,8 @@ _LAZY = {
     "collate_varlen": "packtune.packing.collate",
     "enable_varlen": "packtune.modeling",
     "check_no_leak": "packtune.modeling",
+    "load_model": "packtune.ports.api",
+    "save_model": "packtune.ports.api",
 }
 
 __all__ = ["ATTN_IMPLEMENTATION", "__version__", *_LAZY]

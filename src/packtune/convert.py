@@ -9,6 +9,10 @@ A LoRA run gives a PEFT adapter folder (``adapter_config.json``, ``adapter_model
 or with ``merge=True`` a plain model with the adapter merged in. When the base was a
 random-init ``model_config`` there is no published base to point at, so the base weights are
 saved beside the adapter in ``base_model/``.
+
+A ported family (InternLM, Baichuan, ChatGLM2/3, Qwen-1) is written in its ``original`` layout
+by default, or ``native`` (``packtune.save_model``). Its adapters are native only: a LoRA on
+separate q/k/v cannot be expressed on the original's fused ``wqkv``.
 """
 
 from __future__ import annotations
@@ -19,11 +23,16 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-from packtune.attention.hf import BACKEND_ATTR
 from packtune.data import load_tokenizer
-from packtune.modeling import model_configs
+from packtune.ports.api import load_model, port_for, save_model
 from packtune.recipe.checkpoint import load_trainable_state
 from packtune.recipe.model_setup import DTYPES, apply_lora, load_base_model
+
+ADAPTER_NATIVE_ONLY = (
+    "a LoRA adapter on separate q/k/v cannot be expressed on the {label} checkpoint's fused layout, so adapters "
+    "are exported for the native layout only (load its base with packtune.load_model); add --merge for a full "
+    "model in either layout"
+)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -43,22 +52,20 @@ def _output_dtype(settings, fp32: bool) -> torch.dtype:
     return DTYPES[settings.dtype]
 
 
+def ported(settings):
+    """The port of the run's base model (InternLM, Baichuan, ...), None for other models."""
+    if settings.model_config is not None:
+        return None
+    return port_for(settings.pretrained_model_name_or_path)
+
+
 def _skeleton(settings) -> torch.nn.Module:
     """The model to load a full state dict into, without downloading weights twice."""
-    if settings.model_config is not None:
+    if settings.model_config is not None or ported(settings) is not None:
+        # A ported model needs its base folder anyway (the original layout copies its files).
         return load_base_model(settings, torch.device("cpu"))
     config = AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
     return AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code, dtype=torch.float32)
-
-
-def _clean_config(model: torch.nn.Module) -> None:
-    """Make the saved config independent of packtune: stock attention, cache on."""
-    for cfg in model_configs(model):
-        if hasattr(cfg, BACKEND_ATTR):
-            delattr(cfg, BACKEND_ATTR)
-        cfg.use_cache = True
-    if getattr(model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
-        model.set_attn_implementation("sdpa")
 
 
 def _save_tokenizer(settings, save_path: str) -> None:
@@ -88,8 +95,16 @@ def pth_to_hf(
     max_shard_size: str = "2GB",
     safe_serialization: bool = True,
     merge: bool = False,
+    format: str | None = None,
 ) -> str:
-    """Convert checkpoint ``pth`` of a run of ``settings`` into a Hugging Face folder."""
+    """Convert checkpoint ``pth`` of a run of ``settings`` into a Hugging Face folder.
+
+    ``format``: ``"original"`` or ``"native"`` (default: original for a ported family).
+    """
+    port = ported(settings)
+    if settings.lora and not merge and port is not None and format == "original":
+        raise ValueError(ADAPTER_NATIVE_ONLY.format(label=port.label))
+    format = format or ("original" if port is not None else "native")
     state = read_checkpoint(pth)
     dtype = _output_dtype(settings, fp32)
     os.makedirs(save_path, exist_ok=True)
@@ -111,30 +126,31 @@ def pth_to_hf(
         if settings.model_config is not None:
             # No published base to point at: save the (frozen, loaded) base next to the adapter.
             base_dir = os.path.join(os.path.abspath(save_path), "base_model")
-            base_model = copy.deepcopy(out).unload()
-            _clean_config(base_model)
-            base_model.save_pretrained(base_dir, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+            save_model(copy.deepcopy(out).unload(), base_dir, "native", max_shard_size=max_shard_size,
+                       safe_serialization=safe_serialization)
             _save_tokenizer(settings, base_dir)
         out.peft_config["default"].base_model_name_or_path = base_dir or settings.pretrained_model_name_or_path
         out.save_pretrained(save_path, safe_serialization=safe_serialization)
     else:
-        _clean_config(out)
-        out.save_pretrained(save_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+        save_model(out, save_path, format, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
     _save_tokenizer(settings, save_path)
     return save_path
 
 
-def merge_adapter(base: str, adapter: str, save_path: str, *, max_shard_size: str = "2GB", safe_serialization: bool = True) -> str:
-    """Merge PEFT ``adapter`` into ``base`` (both HF folders or ids) and save a plain model."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+def merge_adapter(base: str, adapter: str, save_path: str, *, max_shard_size: str = "2GB", safe_serialization: bool = True,
+                  format: str | None = None) -> str:
+    """Merge PEFT ``adapter`` into ``base`` (both HF folders or ids) and save a plain model.
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    ``format`` as in ``pth_to_hf`` (default: original for a ported base).
+    """
+    from peft import PeftModel
+
+    model = load_model(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    _clean_config(merged)
-    merged.save_pretrained(save_path, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
+    format = format or ("original" if port_for(base) is not None else "native")
+    save_model(merged, save_path, format, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
     source = adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base
-    AutoTokenizer.from_pretrained(source).save_pretrained(save_path)
+    load_tokenizer(source).save_pretrained(save_path)
     if os.path.exists(os.path.join(base, "generation_config.json")):
         GenerationConfig.from_pretrained(base).save_pretrained(save_path)
     return save_path

@@ -13,6 +13,7 @@ EXAMPLES = """\
 packtune chat hf_out --prompt "What sound does a cow make?"
 packtune chat hf_out --prompt-template mistral --max-new-tokens 128
 packtune chat adapter_out            # a PEFT adapter folder loads its base model too
+packtune chat internlm/internlm-chat-7b   # ported families (InternLM, Baichuan, ChatGLM2/3, Qwen-1), either layout
 """
 
 
@@ -27,19 +28,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_chat_model(path: str, device: str | None = None):
-    """``(model, tokenizer)`` from a model folder, hub id, or PEFT adapter folder."""
+    """``(model, tokenizer)`` from a model folder, hub id, or PEFT adapter folder.
+
+    Models load through ``packtune.load_model`` (so ported families work in either layout),
+    with the KV cache that it turns off for training turned back on.
+    """
+    import json
+
     import torch
-    from transformers import AutoModelForCausalLM
 
     from packtune.data import load_tokenizer
+    from packtune.modeling import model_configs
+    from packtune.ports.api import load_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if os.path.exists(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
+    adapter = os.path.join(path, "adapter_config.json")
+    if os.path.exists(adapter):
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype="auto")
+        with open(adapter) as f:
+            base = json.load(f)["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(load_model(base, dtype="auto"), path)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        model = load_model(path, dtype="auto")
+    for cfg in model_configs(model):
+        cfg.use_cache = True
     return model.to(device).eval(), load_tokenizer(path)
 
 
@@ -50,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"no model folder at {args.model}")
     from packtune.data import DataError
     from packtune.data.templates import check_template_name
+    from packtune.ports.layout import PortError
     from packtune.recipe.evaluate import generate_reply
 
     if args.prompt_template != "auto":
@@ -61,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer = load_chat_model(args.model, args.device)
     except OSError as exc:
         raise CliError(f"cannot load {args.model}: {str(exc).splitlines()[0]}") from exc
+    except PortError as exc:  # ChatGLM-6B v1, a config that fits no known model
+        raise CliError(str(exc)) from exc
     except DataError as exc:  # the model loaded, its tokenizer did not
         raise CliError(str(exc)) from exc
     history = [{"role": "system", "content": args.system}] if args.system else []

@@ -54,7 +54,11 @@ def _quantization(settings, device: torch.device):
 
 
 def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The base model (no LoRA yet), on CPU unless quantized, with weights in ``dtype``."""
+    """The base model (no LoRA yet), on CPU unless quantized, with weights in ``dtype``.
+
+    A pretrained model loads through ``packtune.load_model``: ported families (InternLM,
+    Baichuan, ChatGLM2/3, Qwen-1) become their native class, without remote code.
+    """
     if settings.model_config is not None:
         config = AutoConfig.for_model(**copy.deepcopy(settings.model_config))
         # Random init is seeded, so a run, its resume and its conversion agree on the weights.
@@ -62,14 +66,20 @@ def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.f
             torch.manual_seed(settings.seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model
+    from packtune.ports.api import load_model
+
     quant = _quantization(settings, device)
-    kwargs = {"trust_remote_code": settings.trust_remote_code, "dtype": dtype}
+    kwargs = {"trust_remote_code": settings.trust_remote_code}
+    if not settings.use_varlen_attn:
+        kwargs["attn_implementation"] = None  # the model's default attention (remote code may have no other)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": device.index or 0})
     try:
-        return AutoModelForCausalLM.from_pretrained(settings.pretrained_model_name_or_path, **kwargs)
+        return load_model(settings.pretrained_model_name_or_path, dtype=dtype, **kwargs)
     except OSError as exc:
         raise SetupError(f"cannot load {settings.pretrained_model_name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:  # a checkpoint packtune cannot port, a model that cannot use varlen attention
+        raise SetupError(str(exc).splitlines()[0]) from exc
 
 
 def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:

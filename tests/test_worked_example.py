@@ -22,8 +22,10 @@ CATALOG_NAME = "internlm_7b_full_oasst1_e3"
 PROMPTS = [("What sound does a cow make?", "Moo."), ("What is the opposite of hot?", "Cold."),
            ("Repeat after me: red river stone", "red river stone")]
 
-# The copy of internlm_7b_full_oasst1_e3 as a user edits it: the tiny checkpoint, a local dataset.
-CONFIG = '''"""internlm_7b_full_oasst1_e3, edited: a tiny InternLM checkpoint and a tiny local dataset."""
+# What a user changes in the copy of internlm_7b_full_oasst1_e3: the tiny checkpoint, a local
+# dataset, a few steps (appended to the copy: a later assignment overrides the catalog's).
+EDITS = '''
+# --- edited for the test ---
 pretrained_model_name_or_path = {model!r}
 use_varlen_attn = True
 
@@ -55,23 +57,20 @@ def _cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PACKTUNE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-@pytest.mark.xfail(strict=False, reason="catalog entry lands with the catalog branch")
-def test_list_cfg_and_copy_cfg_give_the_internlm_config(tmp_path, capsys, monkeypatch):
+def test_worked_example_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["list-cfg", "-p", "internlm"]) == 0
     assert CATALOG_NAME in capsys.readouterr().out.split()
     monkeypatch.chdir(tmp_path)
     assert main(["copy-cfg", CATALOG_NAME, "."]) == 0
-    text = (tmp_path / f"{CATALOG_NAME}_copy.py").read_text()
-    assert any(line.startswith("use_varlen_attn") for line in text.splitlines())
+    config = tmp_path / f"{CATALOG_NAME}_copy.py"
+    text = config.read_text()
+    assert any(line.split("#")[0].strip() == "use_varlen_attn = True" for line in text.splitlines())
 
-
-def test_train_convert_both_layouts_and_chat(tmp_path, capsys):
     base = tmp_path / "internlm-tiny"
     write_checkpoint(base, "internlm", vocab_size=32000)
     data = tmp_path / "tasks.json"
     data.write_text(json.dumps([{"instruction": q, "input": "", "output": a} for q, a in PROMPTS * 12]))
-    config = tmp_path / f"{CATALOG_NAME}_copy.py"
-    config.write_text(CONFIG.format(model=str(base), data=str(data)))
+    config.write_text(text + EDITS.format(model=str(base), data=str(data)))
     work = tmp_path / "work"
 
     assert main(["train", str(config), "--work-dir", str(work)]) == 0

@@ -11,6 +11,7 @@ layers: the count must not grow with depth. It is counted on the CPU, where the 
 from __future__ import annotations
 
 import collections
+import types
 
 import pytest
 import torch
@@ -93,3 +94,23 @@ def test_the_counter_sees_a_read_per_layer_without_the_hook(host_reads):
         return sum(host_reads.values())
 
     assert reads(8) - reads(4) >= 4
+
+
+def test_validated_boundaries_survive_fsdp_input_casting(host_reads):
+    """FSDP2 with a half ``param_dtype`` rebuilds every decoder layer's keyword arguments
+    (dataclasses included) to cast float tensors; the boundaries' int32 tensor stays the same
+    object, so the layers still use the validated boundaries without a host read."""
+    from torch.distributed.utils import _apply_to_tensors  # what FSDP2's cast_forward_inputs runs
+
+    from packtune.attention.hf import BOUNDARIES_KWARG, forward_boundaries, packtune_attention_forward
+
+    bounds = forward_boundaries(torch.tensor([0, 5, 14, 17, 24]), torch.tensor([0, 5, 14, 17, 24]), torch.device("cpu"))
+    kwargs = {"cu_seq_lens_q": bounds.q.tensor, "cu_seq_lens_k": bounds.k.tensor, BOUNDARIES_KWARG: bounds}
+    cast = _apply_to_tensors(lambda t: t.to(torch.bfloat16) if t.is_floating_point() else t, kwargs)
+    assert cast[BOUNDARIES_KWARG] is not bounds and cast[BOUNDARIES_KWARG].q.tensor is kwargs["cu_seq_lens_q"]
+    module = types.SimpleNamespace(is_causal=True, config=types.SimpleNamespace())
+    q = torch.randn(1, 4, 24, 8)
+    host_reads.clear()
+    out, _ = packtune_attention_forward(module, q, q, q, None, **cast)
+    assert sum(host_reads.values()) == 0, dict(host_reads)
+    assert out.shape == (1, 24, 4, 8)

@@ -283,8 +283,7 @@ def render(rows: list[Row], info: dict, s: Settings, device: str, dtype, seconds
         "| Benchmark | packtune | Baseline | Ratio | Goal | Result |",
         "|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r.what} | {r.ours} | {r.baseline} | {r.ratio} | {r.goal} | {r.result} |")
+    lines += [table_line(r) for r in rows]
     goal_rows = [r for r in rows if r.result in ("PASS", "FAIL")]
     passed = sum(r.result == "PASS" for r in goal_rows)
     hw = (
@@ -308,8 +307,15 @@ def render(rows: list[Row], info: dict, s: Settings, device: str, dtype, seconds
     return "\n".join(lines) + "\n"
 
 
-def run(s: Settings, device: str = "cpu", args=None, log=print) -> tuple[list[Row], dict]:
-    """Every benchmark; returns the table rows and the raw numbers."""
+def table_line(r: Row) -> str:
+    return f"| {r.what} | {r.ours} | {r.baseline} | {r.ratio} | {r.goal} | {r.result} |"
+
+
+def run(s: Settings, device: str = "cpu", args=None, log=print, on_rows=None) -> tuple[list[Row], dict]:
+    """Every benchmark; returns the table rows and the raw numbers.
+
+    ``on_rows(rows, details)`` is called after each benchmark with its rows, so that a caller
+    can keep what finished (``main`` writes them to ``--out`` as they come)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows, details = [], {}
     for name, fn in (
@@ -324,6 +330,8 @@ def run(s: Settings, device: str = "cpu", args=None, log=print) -> tuple[list[Ro
         rows += r
         details.update(d)
         log(f"[bench] {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if on_rows:
+            on_rows(r, d)
     return rows, details
 
 
@@ -349,7 +357,19 @@ def main(argv=None) -> int:
         print(json.dumps(memory_child(s, kind, int(tokens), args.device, dtype)))
         return 0
     t0 = time.perf_counter()
-    rows, details = run(s, args.device, args)
+    on_rows = None
+    if args.out:
+        # Row by row: a run stopped by a timeout leaves the rows that finished (the complete
+        # table with the machine's description replaces them at the end).
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(f"## Benchmarks ({args.device.upper()}, `{s.name}` run, partial until it ends)\n\n"
+                            "| Benchmark | packtune | Baseline | Ratio | Goal | Result |\n|---|---|---|---|---|---|\n")
+
+        def on_rows(new_rows, _details):
+            with args.out.open("a") as f:
+                f.writelines(table_line(r) + "\n" for r in new_rows)
+
+    rows, details = run(s, args.device, args, on_rows=on_rows)
     info = machine(args.device)
     table = render(rows, info, s, args.device, torch.bfloat16 if args.device == "cuda" else torch.float32, time.perf_counter() - t0)
     print(table)

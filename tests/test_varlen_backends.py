@@ -104,6 +104,7 @@ def test_gpu_backends_say_why_they_cannot_run():
 
 def _fake_kernel(q, k, v, cu_q, cu_k, causal, window, scale, softcap=0.0, alibi=None):
     assert v.shape[-1] == q.shape[-1], "flash kernels get one head_dim for q and v"
+    assert q.shape[1] % k.shape[1] == 0, "the flash kernels take heads % kv_heads == 0 (GQA, MQA) as it is"
     out, lse = dense_reference(
         q, k, v, cu_q.tolist(), cu_k.tolist(), causal=causal, window=tuple(window), scale=scale, softcap=softcap,
         alibi=alibi,
@@ -114,6 +115,7 @@ def _fake_kernel(q, k, v, cu_q, cu_k, causal, window, scale, softcap=0.0, alibi=
 def _torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
                 window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
     assert cu_seq_q.dtype == torch.int32 and cu_seq_k.dtype == torch.int32
+    assert query.shape[-1] % 8 == 0, "torch's varlen kernel checks head_size % 8 == 0"
     if not enable_gqa:
         assert query.shape[1] == key.shape[1], "varlen_attn needs enable_gqa=True for GQA"
     # torch: window (-1, 0) is causal, (W, 0) causal with a window; bottom-right aligned like flash.
@@ -121,8 +123,17 @@ def _torch_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_a
     return (out, lse) if return_aux is not None and return_aux.lse else out
 
 
+def _torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), k_cache=None, v_cache=None, cache_seqlens=None, cache_batch_idx=None,
+                page_table=None, seqused_k=None):
+    # No enable_gqa flag: the flash kernel underneath takes fewer kv heads as they are.
+    assert query.shape[-1] % 8 == 0, "torch's varlen kernel checks head_size % 8 == 0"
+    out, lse = _fake_kernel(query, key, value, cu_seq_q, cu_seq_k, False, window_size, scale)
+    return (out, lse) if return_aux is not None and return_aux.lse else out
+
+
 def _torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-    assert query.shape[1] == key.shape[1], "torch 2.10's varlen_attn has no GQA"
+    assert query.shape[-1] % 8 == 0, "torch's varlen kernel checks head_size % 8 == 0"
     out, lse = _fake_kernel(query, key, value, cu_seq_q, cu_seq_k, is_causal, (-1, -1), None)
     return (out, lse) if return_aux is not None and return_aux.lse else out
 
@@ -137,7 +148,7 @@ def _flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     return (out, lse, None) if return_attn_probs else out
 
 
-def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads=4, v_dim=8, scale=None,
+def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads=4, dim=8, v_dim=8, scale=None,
                    softcap=0.0, alibi=None, lse=False):
     import inspect
 
@@ -146,10 +157,10 @@ def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads
     else:
         monkeypatch.setattr(backends, "_flash_attn_func", lambda: fake)
     lq, lk = [3, 7, 5], [3, 7, 5]
-    q, k, v, _ = _inputs(lq, lk, 4, kv_heads, 8, v_dim, seed=5)
+    q, k, v, _ = _inputs(lq, lk, 4, kv_heads, dim, v_dim, seed=5)
     cu_q, cu_k = _cu(lq, torch.int64), _cu(lk, torch.int64)
-    scale_used = 8**-0.5 if scale is None else scale
-    req = AttnRequest("cuda", torch.float32, causal, window, softcap, 0.0, alibi is not None, lse, 8, v_dim,
+    scale_used = dim**-0.5 if scale is None else scale
+    req = AttnRequest("cuda", torch.float32, causal, window, softcap, 0.0, alibi is not None, lse, dim, v_dim,
                       kv_heads != 4, False)
     result = backends.run(name, q, k, v, cu_q, cu_k, tuple(cu_q.tolist()), tuple(cu_k.tolist()), 7, 7,
                           scale_used, req, alibi, False)
@@ -163,7 +174,7 @@ def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads
         torch.testing.assert_close(result[1].double(), ref_lse, rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("fake", [_torch_2_13, _torch_2_10], ids=["torch2.13", "torch2.10"])
+@pytest.mark.parametrize("fake", [_torch_2_13, _torch_2_11, _torch_2_10], ids=["torch2.13", "torch2.11", "torch2.10"])
 @pytest.mark.parametrize(
     "kw",
     [
@@ -173,8 +184,10 @@ def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads
         dict(causal=True, kv_heads=1, v_dim=5),
         dict(causal=True, scale=0.07),
         dict(causal=False, scale=1.3, lse=True),
+        dict(causal=True, dim=12, v_dim=12),
+        dict(causal=True, dim=20, v_dim=5, kv_heads=2, lse=True),
     ],
-    ids=["causal", "full", "gqa", "mqa_mla", "scale", "scale_lse"],
+    ids=["causal", "full", "gqa", "mqa_mla", "scale", "scale_lse", "head_dim12", "head_dim20_mla"],
 )
 def test_torch_backend_glue(monkeypatch, fake, kw):
     _gpu_glue_case(monkeypatch, "torch", fake, **kw)

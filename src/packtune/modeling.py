@@ -5,14 +5,23 @@ cache off for training. ``check_no_leak`` then runs one tiny packed row through 
 and compares the second document's logits with those of the same document run alone: any
 attention (or other layer) that lets tokens of one sample see another shows up as a
 difference, and training is refused (``LeakError``) rather than silently wrong. The check
-costs two tiny forward passes (the 12-token packed row, and its 4-token document alone).
+costs two tiny forward passes (the 12-token packed row, and its 4-token document alone), run
+under the autocast of the training step, so that they go through the kernel training uses.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from packtune.attention.hf import ATTN_IMPLEMENTATION, BACKEND_ATTR, cu_seqlens_from_position_ids
+from packtune.attention.hf import (
+    ATTN_IMPLEMENTATION,
+    BACKEND_ATTR,
+    BOUNDARIES_KWARG,
+    cu_seqlens_from_position_ids,
+    forward_boundaries,
+)
 from packtune.attention.varlen import BACKENDS
 from packtune.parallel.ulysses import SP_KWARG
 
@@ -43,19 +52,31 @@ def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype):
+    """Autocast to ``dtype`` on ``device``, or nothing for fp32 (the training step's context)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def _has_padding(mask) -> bool:
     return mask is not None and not bool(mask.all())
 
 
 def _attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook on the backbone: turn restarting ``position_ids`` into ``cu_seq_lens``.
+    """Forward pre-hook on the backbone: the document boundaries of the batch, validated once.
 
-    Done once per forward instead of once per layer, and it reaches models whose attention
-    never sees ``position_ids`` (GPT-BigCode), where a packed row given by positions alone
-    would otherwise be one long document. Decoding with a filled KV cache, and rows with real
+    ``cu_seq_lens_q/k`` come from the batch, or from restarting ``position_ids``; they are
+    validated here (one host read), moved to the tokens' device as int32 with the longest
+    document as ``max_length_q/k``, and handed to every layer as ``Boundaries`` (keyword
+    ``packtune_boundaries``): no layer reads them back on the host, so a CUDA forward makes no
+    device sync per layer. Done once per forward, it also reaches models whose attention never
+    sees ``position_ids`` (GPT-BigCode), where a packed row given by positions alone would
+    otherwise be one long document. Decoding with a filled KV cache, and rows with real
     padding, are left alone (the dense-mask path handles them).
     """
-    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("position_ids") is None:
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and kwargs.get("position_ids") is None:
         return None
     if kwargs.get(SP_KWARG) is not None:
         return None  # a sequence-parallel shard: its context holds the whole row's documents
@@ -70,12 +91,21 @@ def _attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
     if tokens is None:
         return None
     rows, length = tokens.shape[:2]
-    pos = kwargs["position_ids"]
-    if pos.shape[-1] != length:
-        return None
-    cu = cu_seqlens_from_position_ids(pos, rows)
-    longest = int(cu.diff().max())
-    kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if cu_q is None:
+        pos = kwargs["position_ids"]
+        if pos.shape[-1] != length:
+            return None
+        cu_q = cu_k = cu_seqlens_from_position_ids(pos, rows)
+    elif cu_k is None:
+        return None  # half a pair: the attention reports it per layer
+    bounds = forward_boundaries(cu_q, cu_k, tokens.device)
+    kwargs.update(
+        cu_seq_lens_q=bounds.q.tensor,
+        cu_seq_lens_k=bounds.k.tensor,
+        max_length_q=bounds.q.longest,
+        max_length_k=bounds.k.longest,
+        **{BOUNDARIES_KWARG: bounds},
+    )
     return args, kwargs
 
 
@@ -108,11 +138,16 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
 
 
 @torch.no_grad()
-def check_no_leak(model: torch.nn.Module, lengths: tuple[int, int] = (8, 4), seed: int = 0) -> float:
+def check_no_leak(
+    model: torch.nn.Module, lengths: tuple[int, int] = (8, 4), seed: int = 0, dtype: torch.dtype = torch.float32
+) -> float:
     """Relative logit difference of a packed document against itself alone; raises on a leak.
 
     The packed row is given in packtune's batch format (``position_ids`` and
-    ``cu_seq_lens_q/k``), the one the training loop uses.
+    ``cu_seq_lens_q/k``), the one the training loop uses, under the training step's autocast
+    to ``dtype``: with fp32 weights and bf16 autocast, q/k/v reach the attention in bf16, so an
+    explicit ``attn_backend`` (``flash_attn``, ``torch``) runs, and ``auto`` resolves to the
+    kernel training will use for that dtype on that device.
     """
     cfg = text_config(model)
     first, second = lengths
@@ -125,22 +160,23 @@ def check_no_leak(model: torch.nn.Module, lengths: tuple[int, int] = (8, 4), see
     was_training = model.training
     model.eval()
     try:
-        packed = model(
-            input_ids=ids,
-            position_ids=pos,
-            cu_seq_lens_q=cu,
-            cu_seq_lens_k=cu,
-            max_length_q=max(lengths),
-            max_length_k=max(lengths),
-            use_cache=False,
-        ).logits[0, first:].float()
-        alone = model(input_ids=ids[:, first:], position_ids=pos[:, first:], use_cache=False).logits[0].float()
+        with autocast_context(device, dtype):
+            packed = model(
+                input_ids=ids,
+                position_ids=pos,
+                cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu,
+                max_length_q=max(lengths),
+                max_length_k=max(lengths),
+                use_cache=False,
+            ).logits[0, first:].float()
+            alone = model(input_ids=ids[:, first:], position_ids=pos[:, first:], use_cache=False).logits[0].float()
     finally:
         model.train(was_training)
     scale = alone.abs().max().clamp(min=1e-6)
     error = float((packed - alone).abs().max() / scale)
-    dtype = next(model.parameters()).dtype
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    weights = next(model.parameters()).dtype
+    tolerance = 1e-3 if dtype == torch.float32 and weights == torch.float32 else 5e-2
     if not error <= tolerance:
         raise LeakError(
             f"{type(model).__name__}: a packed sample's logits differ from the same sample alone by "

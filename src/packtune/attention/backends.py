@@ -9,20 +9,40 @@
 
 ``unsupported(name, request)`` says why a backend cannot run a request (``None`` if it can);
 ``choose`` turns that into a decision, and never falls back silently to an approximation.
+
+Precision and memory: the math paths (``_eager``, and ``math_attention`` for soft-capping and
+ALiBi) compute scores in fp32 with autocast switched off inside, whatever autocast the model
+runs under, and ``math_attention`` never materialises more than ``MATH_BLOCK_ELEMENTS`` scores
+at once (documents, then query rows, in blocks; each block recomputed in the backward).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from packtune.attention.buckets import allowed_mask, plan_buckets
 
 HALF = (torch.float16, torch.bfloat16)
+#: Both flash kernels (flash-attn 2 and torch's varlen_attn) need Ampere (sm80) or newer.
+FLASH_MIN_CAPABILITY = (8, 0)
+#: The largest score block (elements) the math path materialises in one piece.
+MATH_BLOCK_ELEMENTS = 1 << 24
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_capability(index: int | None = None) -> tuple[int, int] | None:
+    """``(major, minor)`` compute capability of CUDA device ``index`` (``None``: the current
+    one); ``None`` where torch sees no CUDA device (a request for one is then only described)."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +76,11 @@ def unsupported(name: str, req) -> str | None:
         return f"the {name} backend runs only on CUDA tensors, these are on {req.device_type}"
     if req.dtype not in HALF:
         return f"the {name} backend needs fp16 or bf16 tensors, got {req.dtype}"
+    capability = cuda_capability(req.device_index)
+    if capability is not None and capability < FLASH_MIN_CAPABILITY:
+        major, minor = capability
+        return (f"the {name} backend needs a GPU of compute capability 8.0 (Ampere) or newer, "
+                f"this one is {major}.{minor}")
     if max(req.head_dim, req.v_head_dim) > 256:
         return f"the {name} backend supports head_dim <= 256, got {max(req.head_dim, req.v_head_dim)}"
     if req.v_head_dim > req.head_dim:
@@ -63,6 +88,8 @@ def unsupported(name: str, req) -> str | None:
     if name == "flash_attn":
         if _flash_attn_func() is None:
             return "flash-attn is not installed (pip install 'packtune[flash]' on a CUDA machine)"
+        if req.softcap > 0 and req.dropout_p > 0:
+            return "flash-attn cannot combine softcap with dropout"
         return None
     if name == "torch":
         found = _torch_varlen()
@@ -72,6 +99,8 @@ def unsupported(name: str, req) -> str | None:
         for flag, what in ((req.dropout_p > 0, "dropout"), (req.softcap > 0, "softcap"), (req.alibi, "ALiBi")):
             if flag:
                 return f"torch's varlen_attn has no {what}"
+        if req.deterministic and req.needs_grad:
+            return "torch's varlen_attn has no deterministic backward (deterministic=True)"
         if req.return_lse and "return_aux" not in params:
             return "this torch's varlen_attn cannot return the log-sum-exp"
         if req.window != (-1, -1) and "window_size" not in params:
@@ -107,9 +136,19 @@ def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, sca
     return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi, deterministic)
 
 
-def _alibi_bias(slopes: torch.Tensor, lq: int, lk: int) -> torch.Tensor:
-    """``(heads, lq, lk)`` ALiBi bias ``-slope * |i + lk - lq - j|`` (flash-attn's definition)."""
-    i = torch.arange(lq, device=slopes.device).unsqueeze(1) + (lk - lq)
+def _no_autocast(device: torch.device):
+    """Autocast switched off on ``device``: the math paths keep their scores in fp32 even when
+    the model runs under bf16/fp16 autocast (which would otherwise run every matmul in half)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _alibi_bias(slopes: torch.Tensor, lq: int, lk: int, row0: int = 0, row1: int | None = None) -> torch.Tensor:
+    """``(heads, rows, lk)`` ALiBi bias ``-slope * |i + lk - lq - j|`` (flash-attn's definition)
+    for query rows ``row0:row1`` (clipped to ``lq``) of a document."""
+    row1 = lq if row1 is None else min(row1, lq)
+    i = torch.arange(row0, max(row0, row1), device=slopes.device).unsqueeze(1) + (lk - lq)
     j = torch.arange(lk, device=slopes.device).unsqueeze(0)
     return -slopes.float().view(-1, 1, 1) * (i - j).abs().float()
 
@@ -121,37 +160,38 @@ def _doc_slopes(alibi: torch.Tensor | None, d: int) -> torch.Tensor | None:
 
 
 def _eager(q, k, v, cu_q, cu_k, scale, req, alibi):
-    """Reference: one document at a time, fp32 math, every feature."""
+    """Reference: one document at a time, fp32 math (autocast off), every feature."""
     heads, groups = q.shape[1], q.shape[1] // k.shape[1]
     outs, lses = [], []
-    for d in range(len(cu_q) - 1):
-        qs, qe, ks, ke = cu_q[d], cu_q[d + 1], cu_k[d], cu_k[d + 1]
-        lq, lk = qe - qs, ke - ks
-        if lq == 0:
-            continue
-        qi = q[qs:qe].transpose(0, 1).float()
-        ki = k[ks:ke].transpose(0, 1).float().repeat_interleave(groups, 0)
-        vi = v[ks:ke].transpose(0, 1).float().repeat_interleave(groups, 0)
-        s = torch.matmul(qi, ki.transpose(-1, -2)) * scale
-        if req.softcap > 0:
-            s = req.softcap * torch.tanh(s / req.softcap)
-        slopes = _doc_slopes(alibi, d)
-        if slopes is not None:
-            s = s + _alibi_bias(slopes, lq, lk)
-        allowed = allowed_mask(lq, lk, req.causal, req.window)
-        if allowed is None:
-            allowed = torch.ones(lq, lk, dtype=torch.bool)
-        allowed = allowed.to(q.device)
-        s = s.masked_fill(~allowed, float("-inf"))
-        seen = allowed.any(-1)
-        # flash-attn reports +inf as the log-sum-exp of a row that sees no key.
-        lse = torch.logsumexp(s, dim=-1).masked_fill(~seen.view(1, -1), float("inf"))
-        # A row that sees no key would be NaN after softmax; flash-attn returns zeros there.
-        p = torch.softmax(s.masked_fill(~seen.view(1, -1, 1), 0.0), dim=-1) * seen.view(1, -1, 1)
-        if req.dropout_p > 0:
-            p = F.dropout(p, req.dropout_p)
-        outs.append(torch.matmul(p, vi).transpose(0, 1).to(q.dtype))
-        lses.append(lse)
+    with _no_autocast(q.device):
+        for d in range(len(cu_q) - 1):
+            qs, qe, ks, ke = cu_q[d], cu_q[d + 1], cu_k[d], cu_k[d + 1]
+            lq, lk = qe - qs, ke - ks
+            if lq == 0:
+                continue
+            qi = q[qs:qe].transpose(0, 1).float()
+            ki = k[ks:ke].transpose(0, 1).float().repeat_interleave(groups, 0)
+            vi = v[ks:ke].transpose(0, 1).float().repeat_interleave(groups, 0)
+            s = torch.matmul(qi, ki.transpose(-1, -2)) * scale
+            if req.softcap > 0:
+                s = req.softcap * torch.tanh(s / req.softcap)
+            slopes = _doc_slopes(alibi, d)
+            if slopes is not None:
+                s = s + _alibi_bias(slopes, lq, lk)
+            allowed = allowed_mask(lq, lk, req.causal, req.window)
+            if allowed is None:
+                allowed = torch.ones(lq, lk, dtype=torch.bool)
+            allowed = allowed.to(q.device)
+            s = s.masked_fill(~allowed, float("-inf"))
+            seen = allowed.any(-1)
+            # flash-attn reports +inf as the log-sum-exp of a row that sees no key.
+            lse = torch.logsumexp(s, dim=-1).masked_fill(~seen.view(1, -1), float("inf"))
+            # A row that sees no key would be NaN after softmax; flash-attn returns zeros there.
+            p = torch.softmax(s.masked_fill(~seen.view(1, -1, 1), 0.0), dim=-1) * seen.view(1, -1, 1)
+            if req.dropout_p > 0:
+                p = F.dropout(p, req.dropout_p)
+            outs.append(torch.matmul(p, vi).transpose(0, 1).to(q.dtype))
+            lses.append(lse)
     if outs:
         out = torch.cat(outs)
     else:
@@ -195,28 +235,97 @@ def _gather(x: torch.Tensor, row_map) -> torch.Tensor:
     return x if row_map.identity else RowGather.apply(x, row_map)
 
 
+def _block(t: torch.Tensor | None, docs: slice, rows: slice) -> torch.Tensor | None:
+    """Documents ``docs`` and query rows ``rows`` of a mask or bias ``(n or 1, h or 1, lq or 1, lk)``."""
+    if t is None:
+        return None
+    return t[docs if t.shape[0] > 1 else slice(None), :, rows if t.shape[2] > 1 else slice(None)]
+
+
+def _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, docs, rows):
+    """Math attention of documents ``docs`` and query rows ``rows``, fp32 with autocast off.
+
+    ``bias`` is a tensor over all documents and rows, or a function ``(docs, rows) -> tensor``
+    called here, so that a checkpointed block rebuilds its bias instead of keeping it.
+    """
+    qb, kb, vb = q[docs, :, rows], k[docs], v[docs]
+    n, heads, lq, dim = qb.shape
+    kv_heads = kb.shape[1]
+    bias = bias(docs, rows) if callable(bias) else _block(bias, docs, rows)
+    with _no_autocast(q.device):
+        qg = qb.float().reshape(n, kv_heads, heads // kv_heads, lq, dim)
+        s = torch.matmul(qg, kb.float().unsqueeze(2).transpose(-1, -2)) * scale
+        if softcap > 0:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.view(n, heads, lq, -1)
+        if bias is not None:
+            s = s + bias
+        mask = _block(mask, docs, rows)
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if dropout_p > 0:
+            p = F.dropout(p, dropout_p)
+        out = torch.matmul(p.view(n, kv_heads, heads // kv_heads, lq, -1), vb.float().unsqueeze(2))
+    return out.view(n, heads, lq, -1).to(q.dtype)
+
+
 def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, bias=None):
     """Batched fp32 math attention for what SDPA cannot express (soft-capping, ALiBi).
 
     ``q`` ``(n, heads, lq, d)``, ``k``/``v`` ``(n, kv_heads, lk, d)`` (GQA without copying the
-    keys), ``mask`` a boolean broadcastable to ``(n, heads, lq, lk)`` with no all-False row.
+    keys), ``mask`` a boolean broadcastable to ``(n, heads, lq, lk)`` with no all-False row,
+    ``bias`` a tensor of that shape or a function ``(docs, rows) -> bias`` of a block.
+
+    Scores are fp32 with autocast off. At most ``MATH_BLOCK_ELEMENTS`` of them exist at once:
+    larger inputs run in blocks of documents, and a document larger than a block in blocks of
+    its query rows; with gradients each block is recomputed in the backward
+    (``torch.utils.checkpoint``), so a long pack keeps only its inputs, never its scores.
     """
-    n, heads, lq, dim = q.shape
-    kv_heads = k.shape[1]
-    qg = q.float().view(n, kv_heads, heads // kv_heads, lq, dim)
-    s = torch.matmul(qg, k.float().unsqueeze(2).transpose(-1, -2)) * scale
-    if softcap > 0:
-        s = softcap * torch.tanh(s / softcap)
-    s = s.view(n, heads, lq, -1)
-    if bias is not None:
-        s = s + bias
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if dropout_p > 0:
-        p = F.dropout(p, dropout_p)
-    out = torch.matmul(p.view(n, kv_heads, heads // kv_heads, lq, -1), v.float().unsqueeze(2))
-    return out.view(n, heads, lq, -1).to(q.dtype)
+    n, heads, lq, _ = q.shape
+    per_row = heads * k.shape[2]
+    if n * lq * per_row <= MATH_BLOCK_ELEMENTS:
+        return _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, slice(None), slice(None))
+    docs_per_block = max(1, MATH_BLOCK_ELEMENTS // (lq * per_row))
+    rows_per_block = lq if docs_per_block > 1 or lq * per_row <= MATH_BLOCK_ELEMENTS else max(1, MATH_BLOCK_ELEMENTS // per_row)
+    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for d0 in range(0, n, docs_per_block):
+        docs = slice(d0, min(n, d0 + docs_per_block))
+        parts = []
+        for r0 in range(0, lq, rows_per_block):
+            args = (q, k, v, mask, scale, softcap, dropout_p, bias, docs, slice(r0, min(lq, r0 + rows_per_block)))
+            if recompute:
+                # Dropout draws the same pattern again in the recomputation (the RNG state is kept).
+                parts.append(torch.utils.checkpoint.checkpoint(_math_block, *args, use_reentrant=False))
+            else:
+                parts.append(_math_block(*args))
+        outs.append(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def sdpa_attention(q, k, v, mask, scale: float, dropout_p: float = 0.0, is_causal: bool = False,
+                   deterministic: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over ``(n, heads, l, d)`` with GQA handled.
+
+    On CUDA a mask rules out SDPA's flash kernel and ``enable_gqa`` its memory-efficient one,
+    which leaves the math kernel (the full scores in memory): with a mask, K/V are repeated to
+    every query head instead. ``deterministic`` on CUDA uses the math kernel, whose backward is
+    plain matmuls (the fused kernels accumulate gradients with atomics).
+    """
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and mask is not None and q.is_cuda:
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), False
+    context = contextlib.nullcontext()
+    if deterministic and q.is_cuda:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        context = sdpa_kernel(SDPBackend.MATH)
+    with context:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
 
 
 def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
@@ -226,7 +335,6 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
     if not plan.buckets:
         return q.new_zeros(q.shape[0], q.shape[1], v.shape[2]) + 0 * (q.sum() + k.sum() + v.sum())
     q_map, k_map, row_scale, masks = plan.maps_on(q.device)
-    gqa = q.shape[1] != k.shape[1]
     # One gather per input for all buckets, then split: the backward of a split is one cat.
     qs = _gather(q, q_map).split([b.n * b.lq for b in plan.buckets])
     ks = _gather(k, k_map).split([b.n * b.lk for b in plan.buckets])
@@ -238,16 +346,7 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
             bias = _alibi_for_bucket(alibi, b, cu_q, cu_k) if alibi is not None else None
             ob = math_attention(qb, kb, vb, mask, scale, req.softcap, req.dropout_p, bias)
         else:
-            ob = F.scaled_dot_product_attention(
-                qb,
-                kb,
-                vb,
-                attn_mask=mask,
-                dropout_p=req.dropout_p,
-                is_causal=b.is_causal,
-                scale=scale,
-                enable_gqa=gqa,
-            )
+            ob = sdpa_attention(qb, kb, vb, mask, scale, req.dropout_p, b.is_causal, req.deterministic and req.needs_grad)
         # SDPA's output keeps the (n, lq, heads, dim) memory layout of its input: a free view.
         pieces.append(ob.transpose(1, 2).reshape(b.n * b.lq, q.shape[1], v.shape[2]))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -258,32 +357,44 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
 
 
 def _alibi_for_bucket(alibi, bucket, cu_q, cu_k):
-    """ALiBi bias ``(n, heads, lq, lk)`` for a bucket; each document uses its own lengths."""
-    biases = []
-    for d in bucket.docs:
-        lq, lk = cu_q[d + 1] - cu_q[d], cu_k[d + 1] - cu_k[d]
-        bias = _alibi_bias(_doc_slopes(alibi, d), lq, lk)
-        biases.append(F.pad(bias, (0, bucket.lk - lk, 0, bucket.lq - lq)))
-    return torch.stack(biases)
+    """A function ``(docs, rows) -> bias (n, heads, rows, lk)`` of a bucket's ALiBi bias; each
+    document uses its own lengths. Built block by block, so it never exceeds a score block."""
+
+    def bias(docs: slice, rows: slice) -> torch.Tensor:
+        r0, r1, _ = rows.indices(bucket.lq)
+        blocks = []
+        for d in bucket.docs[docs]:
+            lq, lk = cu_q[d + 1] - cu_q[d], cu_k[d + 1] - cu_k[d]
+            part = _alibi_bias(_doc_slopes(alibi, d), lq, lk, r0, r1)
+            blocks.append(F.pad(part, (0, bucket.lk - lk, 0, (r1 - r0) - part.shape[1])))
+        return torch.stack(blocks)
+
+    return bias
+
+
+def _pad_last(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` with its last dimension zero-padded to ``dim``."""
+    return x if x.shape[-1] == dim else F.pad(x, (0, dim - x.shape[-1]))
 
 
 def _pad_v(q, v):
     """flash kernels want one head_dim for q and v: pad v (MLA), crop the output after."""
-    if v.shape[-1] == q.shape[-1]:
-        return v
-    return F.pad(v, (0, q.shape[-1] - v.shape[-1]))
+    return _pad_last(v, q.shape[-1])
 
 
 def _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req):
     varlen_attn, params = _torch_varlen()
     dv = v.shape[-1]
-    v_in = _pad_v(q, v)
+    # The kernel checks head_dim % 8 == 0 and does not pad (flash-attn pads itself): zero
+    # columns leave q.k unchanged, and the output's extra columns are cropped.
+    dim = -(-q.shape[-1] // 8) * 8
+    q, k, v_in = _pad_last(q, dim), _pad_last(k, dim), _pad_last(v, dim)
     kwargs = {}
     if "scale" in params:
         kwargs["scale"] = scale
-    elif scale != q.shape[-1] ** -0.5:
+    elif scale != dim**-0.5:
         # torch 2.10's varlen_attn has no ``scale`` (it always uses head_dim ** -0.5): fold ours into q.
-        q = q * (scale * q.shape[-1] ** 0.5)
+        q = q * (scale * dim**0.5)
     left, right = req.window
     if req.causal:
         right = 0
@@ -291,12 +402,9 @@ def _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req):
         kwargs["window_size"] = (left, right)
     else:
         kwargs["is_causal"] = req.causal
-    if q.shape[1] != k.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            rep = q.shape[1] // k.shape[1]
-            k, v_in = k.repeat_interleave(rep, 1), v_in.repeat_interleave(rep, 1)
+    if q.shape[1] != k.shape[1] and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
+    # Without an ``enable_gqa`` flag, the flash kernel takes heads % kv_heads == 0 as it is.
     if req.return_lse:
         from torch.nn.attention.varlen import AuxRequest
 
@@ -324,7 +432,8 @@ def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi,
         causal=req.causal,
         window_size=req.window,
         softcap=req.softcap,
-        alibi_slopes=alibi,
+        # flash-attn reads the slopes as fp32 on q's device.
+        alibi_slopes=alibi.to(device=q.device, dtype=torch.float32) if alibi is not None else None,
         deterministic=deterministic,
         return_attn_probs=req.return_lse,
     )
@@ -334,4 +443,4 @@ def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi,
     return result[..., :dv]
 
 
-__all__ = ["choose", "run", "unsupported"]
+__all__ = ["choose", "cuda_capability", "math_attention", "run", "sdpa_attention", "unsupported"]

@@ -14,6 +14,11 @@ Where the boundaries come from, first match wins:
    one (``[0 1 2 0 1]`` is two documents), and at the start of every row.
 3. Neither: every row is one document.
 
+``packtune.enable_varlen`` validates the boundaries once per forward, where the batch enters
+the model (``forward_boundaries``), and hands every layer the result (``Boundaries``, in the
+``packtune_boundaries`` keyword): the layers then never read ``cu_seqlens`` back on the host,
+so a CUDA forward makes no device sync per layer. Without it, each layer validates on its own.
+
 Unlike transformers' own packed-row detection, this does not switch off when a KV cache
 exists (``use_cache=True`` in training) or when an all-ones 2-D ``attention_mask`` is passed.
 Only a 2-D mask that really pads something (batched generation) produces a dense 4-D mask; the
@@ -23,17 +28,46 @@ batch of packed rows cannot leak.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from packtune.attention.backends import math_attention
-from packtune.attention.varlen import varlen_attn_func
+from packtune.attention.backends import math_attention, sdpa_attention
+from packtune.attention.varlen import CuSeqlens, varlen_attn_func
 from packtune.parallel.ulysses import SP_KWARG
 
 ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
+#: The keyword that carries a forward's validated ``Boundaries`` to every attention layer.
+BOUNDARIES_KWARG = "packtune_boundaries"
+
+
+@dataclass(frozen=True, eq=False)
+class Boundaries:
+    """The document boundaries of one forward, validated once: ``CuSeqlens`` of the queries
+    and keys of the flattened rows (the same object for self-attention)."""
+
+    q: CuSeqlens
+    k: CuSeqlens
+
+
+def forward_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor, device: torch.device) -> Boundaries:
+    """Validate ``cu_seq_lens_q/k`` once (one host read each) and put them on ``device`` as int32.
+
+    The totals are checked later, per layer, against the tokens the attention holds (host
+    integers): a layer may hold another number of tokens than the model's input ids.
+    """
+    q = CuSeqlens.validate("cu_seq_lens_q", cu_q, device=device)
+    k = q if cu_k is cu_q else CuSeqlens.validate("cu_seq_lens_k", cu_k, device=device)
+    return Boundaries(q, k)
+
+
+def _rows_as_documents(rows: int, length: int, device: torch.device) -> CuSeqlens:
+    """Every row one document of ``length`` tokens (known on the host: nothing to read back)."""
+    host = tuple(range(0, rows * length + 1, length)) if length else (0,) * (rows + 1)
+    return CuSeqlens(torch.tensor(host, dtype=torch.int32, device=device), host, length)
 
 
 def _document_starts(position_ids: torch.Tensor, rows: int) -> torch.Tensor:
@@ -83,9 +117,7 @@ def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
     if softcap:
         out = math_attention(query, key, value, mask, scaling, softcap, dropout)
     else:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=heads != key.shape[1]
-        )
+        out = sdpa_attention(query, key, value, mask, scaling, dropout)
     out = out * seen.to(out.dtype)
     return out.transpose(1, 2).contiguous()
 
@@ -102,6 +134,28 @@ def _common_dtype(query, key, value):
     else:
         target = value.dtype
     return tuple(t if t.dtype == target else t.to(target) for t in (query, key, value))
+
+
+def _layer_boundaries(kwargs: dict, rows: int, tq: int, tk: int, position_ids, device: torch.device) -> Boundaries:
+    """The boundaries of this layer's ``rows`` flattened rows (see the module docs for the order)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    hooked = kwargs.get(BOUNDARIES_KWARG)
+    if isinstance(hooked, Boundaries) and hooked.q.tensor is cu_q and hooked.k.tensor is cu_k:
+        bounds = hooked  # validated once for this forward: no host read in the layer
+    elif cu_q is not None and cu_k is not None:
+        bounds = forward_boundaries(cu_q, cu_k, device)
+    elif tq == tk and position_ids is not None and position_ids.shape[-1] == tq:
+        cu = cu_seqlens_from_position_ids(position_ids, rows)
+        bounds = forward_boundaries(cu, cu, device)
+    else:
+        if tq != tk and position_ids is not None and position_ids.shape[-1] == tq and tq > 1:
+            if bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any()):
+                raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
+        q = _rows_as_documents(rows, tq, device)
+        return Boundaries(q, q if tk == tq else _rows_as_documents(rows, tk, device))
+    if tq != tk and bounds.k.total != rows * tk:
+        raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
+    return bounds
 
 
 def packtune_attention_forward(
@@ -136,39 +190,20 @@ def packtune_attention_forward(
             raise ValueError(f"packtune_varlen expects a 4-D mask or None, got shape {tuple(attention_mask.shape)}")
         return _dense(query, key, value, attention_mask, scaling, softcap, dropout, position_ids), None
 
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    # Sequence parallelism: this rank holds a shard of one row; attention runs over the whole
-    # row (its documents in the context) between two all-to-alls (packtune.parallel.ulysses).
     if sp is not None:
-        cu_q = cu_k = sp.cu_seqlens
-        max_q = max_k = sp.max_seqlen
-    elif cu_q is not None and cu_k is not None:
-        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-        if tq != tk and int(cu_k[-1]) != rows * tk:
-            raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
-    elif tq == tk and position_ids is not None and position_ids.shape[-1] == tq:
-        cu_q = cu_k = cu_seqlens_from_position_ids(position_ids, rows)
-        max_q = max_k = None
+        # Sequence parallelism: this rank holds a shard of one row; attention runs over the
+        # whole row (the context's validated boundaries) between two all-to-alls.
+        attend, bounds = sp.wrap(varlen_attn_func), Boundaries(sp.cu_seqlens, sp.cu_seqlens)
     else:
-        if tq != tk and position_ids is not None and position_ids.shape[-1] == tq and tq > 1:
-            if bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any()):
-                raise NotImplementedError("packtune_varlen: packed rows cannot be decoded against an earlier KV cache")
-        cu_q = torch.arange(0, rows * tq + 1, tq, dtype=torch.int32, device=query.device)
-        cu_k = torch.arange(0, rows * tk + 1, tk, dtype=torch.int32, device=query.device)
-        max_q, max_k = tq, tk
-    if max_q is None or max_k is None:
-        lengths_q = cu_q.diff()
-        max_q = int(lengths_q.max()) if lengths_q.numel() else 0
-        max_k = max_q if cu_k is cu_q else int(cu_k.diff().max())
-    attend = varlen_attn_func if sp is None else sp.wrap(varlen_attn_func)
+        attend, bounds = varlen_attn_func, _layer_boundaries(kwargs, rows, tq, tk, position_ids, query.device)
     out = attend(
         query.transpose(1, 2).reshape(rows * tq, heads, dim),
         key.transpose(1, 2).reshape(rows * tk, key.shape[1], dim),
         value.transpose(1, 2).reshape(rows * tk, value.shape[1], value.shape[-1]),
-        cu_q,
-        cu_k,
-        int(max_q),
-        int(max_k),
+        bounds.q,
+        bounds.k,
+        bounds.q.longest,
+        bounds.k.longest,
         dropout_p=dropout,
         softmax_scale=scaling,
         causal=causal,

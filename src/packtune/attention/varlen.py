@@ -8,11 +8,20 @@ rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``; no token ever attends outside its do
 Example, two documents of 3 and 2 tokens attending causally::
 
     >>> import torch
-    >>> q = k = v = torch.randn(5, 4, 16)            # 5 tokens, 4 heads, head_dim 16
-    >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    >>> device = "cuda" if torch.cuda.is_available() else "cpu"
+    >>> dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    >>> q = k = v = torch.randn(5, 4, 16, device=device, dtype=dtype)  # 5 tokens, 4 heads, head_dim 16
+    >>> cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=device)
     >>> out = varlen_attn_func(q, k, v, cu, cu, 3, 3, causal=True)
     >>> out.shape
     torch.Size([5, 4, 16])
+
+``cu_seqlens`` is best built on ``q``'s device as int32, as above; one given on another device
+or as int64 is validated and moved there (int32) before any kernel sees it. Each direct call
+reads ``cu_seqlens`` on the host once to validate it. Inside a model, ``enable_varlen``'s hook
+validates the boundaries once per forward and hands every layer a ``CuSeqlens`` (the device
+tensor with its host copy and longest document), which this function trusts after checking its
+total against the tokens: no host read per layer.
 
 Semantics follow ``flash_attn.flash_attn_varlen_func`` exactly:
 
@@ -53,6 +62,8 @@ class AttnRequest:
     v_head_dim: int
     gqa: bool
     needs_grad: bool
+    deterministic: bool = False
+    device_index: int | None = None  # the CUDA device (its compute capability); None: the current one
 
 
 def _as_window(window_size: tuple[int, int] | list[int] | None) -> tuple[int, int]:
@@ -64,8 +75,11 @@ def _as_window(window_size: tuple[int, int] | list[int] | None) -> tuple[int, in
     return (left, right)
 
 
-def _check_cu(name: str, cu: torch.Tensor, total: int) -> list[int]:
-    """Validate one cumulative-length tensor and return it as a host list."""
+def _check_cu(name: str, cu: torch.Tensor, total: int | None) -> list[int]:
+    """Validate one cumulative-length tensor and return it as a host list (one host read).
+
+    ``total``: the number of tokens it must end at (``None``: any).
+    """
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1:
         raise ValueError(f"{name} must be a 1-D integer tensor, got {type(cu).__name__} {getattr(cu, 'shape', '')}")
     if cu.dtype not in (torch.int32, torch.int64):
@@ -78,9 +92,59 @@ def _check_cu(name: str, cu: torch.Tensor, total: int) -> list[int]:
     for i in range(1, len(values)):
         if values[i] < values[i - 1]:
             raise ValueError(f"{name} must be non-decreasing, but {name}[{i}]={values[i]} < {name}[{i - 1}]={values[i - 1]}")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         raise ValueError(f"{name} must end at the number of tokens ({total}), but it ends at {values[-1]}")
+    if values[-1] > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{name} ends at {values[-1]} tokens, more than the kernels' int32 offsets can address")
     return values
+
+
+@dataclass(frozen=True, eq=False)
+class CuSeqlens:
+    """Document boundaries validated once: the int32 tensor on the compute device, its host
+    copy, and the longest document.
+
+    ``varlen_attn_func`` takes one in place of a ``cu_seqlens`` tensor and trusts it after
+    checking its total against the number of tokens (host integers): a model's layers reuse
+    the one that ``enable_varlen``'s boundary hook built for the forward, and never read the
+    device tensor back on the host (no device sync per layer on CUDA).
+    """
+
+    tensor: torch.Tensor
+    host: tuple[int, ...]
+    longest: int
+
+    @classmethod
+    def validate(cls, name: str, cu: torch.Tensor, total: int | None = None, device=None) -> CuSeqlens:
+        """Check ``cu`` (one host read) and move it to ``device`` (default: where it is) as int32.
+
+        >>> CuSeqlens.validate("cu", torch.tensor([0, 3, 5])).host, CuSeqlens.validate("cu", torch.tensor([0, 3, 5])).longest
+        ((0, 3, 5), 3)
+        """
+        host = _check_cu(name, cu, total)
+        tensor = cu.to(device=cu.device if device is None else device, dtype=torch.int32)
+        return cls(tensor, tuple(host), max(b - a for a, b in zip(host, host[1:])))
+
+    @property
+    def total(self) -> int:
+        """The number of tokens the documents cover."""
+        return self.host[-1]
+
+    @property
+    def documents(self) -> int:
+        return len(self.host) - 1
+
+
+def _boundaries(name: str, cu, total: int, device: torch.device) -> CuSeqlens:
+    """``cu`` (a tensor, or an already validated ``CuSeqlens``) validated for ``total`` tokens on ``device``."""
+    if not isinstance(cu, CuSeqlens):
+        return CuSeqlens.validate(name, cu, total, device)
+    if cu.total != total:
+        raise ValueError(f"{name} must end at the number of tokens ({total}), but it ends at {cu.total}")
+    if cu.tensor.device != device:
+        # A host-to-device copy (no sync); the boundary hook builds it on the right device anyway.
+        cu = CuSeqlens(cu.tensor.to(device), cu.host, cu.longest)
+    return cu
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes):
@@ -97,29 +161,27 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, a
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    cu_q = _check_cu("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k = _check_cu("cu_seqlens_k", cu_seqlens_k, k.shape[0])
-    if len(cu_q) != len(cu_k):
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of documents: {len(cu_q) - 1} vs {len(cu_k) - 1}")
-    longest_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
-    longest_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
-    if int(max_seqlen_q) < longest_q:
-        raise ValueError(f"max_seqlen_q={int(max_seqlen_q)} is smaller than the longest query document ({longest_q})")
-    if int(max_seqlen_k) < longest_k:
-        raise ValueError(f"max_seqlen_k={int(max_seqlen_k)} is smaller than the longest key document ({longest_k})")
+    cu_q = _boundaries("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    cu_k = _boundaries("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cu_q.documents != cu_k.documents:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of documents: {cu_q.documents} vs {cu_k.documents}")
+    if int(max_seqlen_q) < cu_q.longest:
+        raise ValueError(f"max_seqlen_q={int(max_seqlen_q)} is smaller than the longest query document ({cu_q.longest})")
+    if int(max_seqlen_k) < cu_k.longest:
+        raise ValueError(f"max_seqlen_k={int(max_seqlen_k)} is smaller than the longest key document ({cu_k.longest})")
     if alibi_slopes is not None:
-        n_docs, heads = len(cu_q) - 1, q.shape[1]
-        if tuple(alibi_slopes.shape) not in ((heads,), (n_docs, heads)):
-            raise ValueError(f"alibi_slopes must have shape ({heads},) or ({n_docs}, {heads}), got {tuple(alibi_slopes.shape)}")
-    return tuple(cu_q), tuple(cu_k)
+        heads = q.shape[1]
+        if tuple(alibi_slopes.shape) not in ((heads,), (cu_q.documents, heads)):
+            raise ValueError(f"alibi_slopes must have shape ({heads},) or ({cu_q.documents}, {heads}), got {tuple(alibi_slopes.shape)}")
+    return cu_q, cu_k
 
 
 def varlen_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | CuSeqlens,
+    cu_seqlens_k: torch.Tensor | CuSeqlens,
     max_seqlen_q: int,
     max_seqlen_k: int,
     dropout_p: float = 0.0,
@@ -139,15 +201,20 @@ def varlen_attn_func(
         q: ``(total_q, heads, head_dim)`` queries of every document, one after another.
         k: ``(total_k, kv_heads, head_dim)`` keys; ``heads % kv_heads == 0`` (GQA, MQA).
         v: ``(total_k, kv_heads, v_head_dim)`` values; ``v_head_dim`` may differ (MLA).
-        cu_seqlens_q / cu_seqlens_k: int32 ``(docs + 1,)`` start offsets, from 0 to the total.
+        cu_seqlens_q / cu_seqlens_k: int32 ``(docs + 1,)`` start offsets, from 0 to the total
+            (moved to ``q``'s device as int32 when given elsewhere or as int64), or a
+            ``CuSeqlens`` validated earlier (trusted; only its total is checked).
         max_seqlen_q / max_seqlen_k: at least the longest document (as in flash-attn).
         dropout_p: dropout on attention probabilities (set 0.0 for evaluation).
         softmax_scale: defaults to ``head_dim ** -0.5``.
         causal: bottom-right aligned causal mask per document.
         window_size: ``(left, right)`` sliding window, ``-1`` = unbounded.
         softcap: logit soft-capping, ``0`` = off.
-        alibi_slopes: optional ALiBi slopes, ``(heads,)`` or ``(docs, heads)``, fp32.
-        deterministic: accepted for compatibility; the CPU paths are always deterministic.
+        alibi_slopes: optional ALiBi slopes, ``(heads,)`` or ``(docs, heads)`` (used as fp32 on
+            ``q``'s device).
+        deterministic: a deterministic backward. flash-attn has a kernel flag for it; the
+            ``sdpa`` backend then uses SDPA's math kernel on CUDA; the ``torch`` backend refuses
+            it when gradients are needed. The CPU paths are always deterministic.
         return_attn_probs: also return the log-sum-exp ``(heads, total_q)`` (flash-attn's second
             output); the third output (the dropout pattern) is always ``None``.
         backend: ``"auto"`` (best available for the request), ``"flash_attn"``, ``"torch"``,
@@ -171,6 +238,9 @@ def varlen_attn_func(
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
     window = _as_window(window_size)
     cu_q, cu_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes)
+    if alibi_slopes is not None:
+        # flash-attn requires fp32 slopes on q's device; the math paths add them in fp32 there too.
+        alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     request = AttnRequest(
         device_type=q.device.type,
@@ -185,6 +255,8 @@ def varlen_attn_func(
         v_head_dim=v.shape[-1],
         gqa=q.shape[1] != k.shape[1],
         needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        deterministic=bool(deterministic),
+        device_index=q.device.index,
     )
     name = _backends.choose(request, backend)
     return _backends.run(
@@ -192,10 +264,10 @@ def varlen_attn_func(
         q,
         k,
         v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        cu_q,
-        cu_k,
+        cu_q.tensor,
+        cu_k.tensor,
+        cu_q.host,
+        cu_k.host,
         max(int(max_seqlen_q), 1),
         max(int(max_seqlen_k), 1),
         scale,

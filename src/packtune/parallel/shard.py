@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from packtune.attention.varlen import CuSeqlens
 from packtune.packing.collate import Batch
 from packtune.parallel.groups import SequenceParallel
 from packtune.parallel.ulysses import UlyssesContext
@@ -56,9 +57,9 @@ def shard_micro_batch(
                          f"got {'padded rows' if not batch.varlen else f'{batch.input_ids.shape[0]} rows'}")
     total = batch.input_ids.shape[1]
     start, end = shard_bounds(total, sp.size, sp.rank)
-    context = UlyssesContext(
-        group=sp.group, size=sp.size, rank=sp.rank, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen, total=total
-    )
+    # Validated once per micro-batch (one host read), so no attention layer reads it back.
+    cu = CuSeqlens.validate("cu_seqlens", batch.cu_seqlens, total, device=batch.input_ids.device)
+    context = UlyssesContext(group=sp.group, size=sp.size, rank=sp.rank, cu_seqlens=cu, max_seqlen=cu.longest, total=total)
     real_end = total - batch.padding  # padding sits at the end of the row
     shard = Batch(
         input_ids=batch.input_ids[:, start:end],

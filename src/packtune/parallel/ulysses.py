@@ -29,11 +29,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from packtune.parallel.sizes import heads_problem
+
+if TYPE_CHECKING:  # packtune.attention imports this module
+    from packtune.attention.varlen import CuSeqlens
 
 #: The model-forward keyword that carries a ``UlyssesContext`` to the attention function.
 SP_KWARG = "packtune_sp"
@@ -50,7 +54,7 @@ class UlyssesContext:
     group: dist.ProcessGroup | None
     size: int
     rank: int
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | CuSeqlens  # a validated CuSeqlens spares each layer a host read
     max_seqlen: int
     total: int
 

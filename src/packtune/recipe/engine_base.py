@@ -49,21 +49,85 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: floa
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
 
 
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
+#: Elements per chunk of a gradient whose norm is taken in fp32 (the chunks' squares are then
+#: summed in fp64). On the CPU, fp32 sums drift with their length (a 4M-element norm in one
+#: piece is off by ~7e-5 relative, in 64k-element chunks by ~1e-7); CUDA reduces in a tree.
+NORM_CHUNK = {"cuda": 1 << 22}
+NORM_CHUNK_DEFAULT = 1 << 16
+
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """``sum(g ** 2)`` over every element of ``grads``, as an fp64 scalar on ``device``.
+
+    Each gradient is cut into chunks whose norms are computed in fp32 without a copy
+    (``_foreach_norm`` accumulates half gradients in fp32), so no fp64 (or fp32) copy of a
+    whole gradient is ever made: the transient memory is a few scalars per chunk.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        chunk = NORM_CHUNK.get(g.device.type, NORM_CHUNK_DEFAULT)
+        by_device.setdefault(g.device, []).extend(g.detach().reshape(-1).split(chunk))
+    for pieces in by_device.values():
+        norms = torch._foreach_norm(pieces, 2, dtype=torch.float32)
+        total += torch.stack(norms).double().square().sum().to(device)
+    return total
+
+
+def grad_norm(grads: list[torch.Tensor], device: torch.device | None = None) -> float:
+    """The 2-norm of all ``grads`` together (``device``: where to sum; default the first's).
+
+    DTensor gradients (FSDP2) contribute their local shards, and the sum of squares is
+    all-reduced over their mesh, so every rank returns the global norm, computed the same way
+    as one process computes it over whole gradients.
+    """
+    from torch.distributed.tensor import DTensor
+
+    local, meshes = [], {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            if not all(p.is_shard() for p in g.placements):
+                raise NotImplementedError(f"gradient norm of a DTensor placed {g.placements}: only sharded gradients are summed")
+            meshes[id(g.device_mesh)] = g.device_mesh
+            g = g.to_local()
+        local.append(g)
+    if device is None:
+        device = local[0].device if local else torch.device("cpu")
+    total = _sum_of_squares(local, device)
+    if len(meshes) > 1:
+        raise NotImplementedError("gradients sharded over several device meshes")
+    for mesh in meshes.values():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=mesh.get_group())
+    return float(total.sqrt())
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, device: torch.device | None = None) -> float:
     """Clip to ``max_norm`` (``<= 0``: no clipping); returns the norm before clipping.
 
-    The norm is summed in float64: in float32 the norm of a 4M-element gradient (a small
-    model's output layer) is off by ~2e-4 relative, enough to make two engines that compute
-    the same gradient report (and clip by) different norms.
+    The norm (``grad_norm``) sums per-chunk fp32 norms in fp64: in fp32 alone the norm of a
+    4M-element gradient (a small model's output layer) is off by ~1e-4 relative, enough to make
+    two engines that compute the same gradient report (and clip by) different norms; a whole
+    fp64 copy of every gradient would cost gigabytes on a large model. The scale is
+    ``max_norm / (norm + 1e-6)`` when below 1, as in ``torch.nn.utils.clip_grad_norm_``.
     """
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float64) for g in grads])
-    total = torch.linalg.vector_norm(norms)
-    if max_norm > 0 and torch.isfinite(total):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].dtype))
-    return float(total)
+    norm = grad_norm(grads, device)
+    coef = max_norm / (norm + 1e-6)
+    if max_norm > 0 and math.isfinite(norm) and coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
+def grad_scaler(compute_dtype: torch.dtype, device: torch.device):
+    """A dynamic loss scaler for fp16 on CUDA (fp16 gradients underflow without one), else None.
+
+    It also works on FSDP2's DTensor gradients: the overflow check is reduced over the shards.
+    """
+    if compute_dtype == torch.float16 and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 class Engine:
@@ -74,6 +138,29 @@ class Engine:
     #: Whether a non-finite gradient norm can be a loss-scale overflow (fp16), which the
     #: engine skips on its own, rather than a real divergence.
     loss_scaling = False
+    #: The fp16 loss scaler of engines that update through ``clip_and_update`` (or None).
+    scaler = None
+
+    def clip_and_update(self, max_norm: float, device: torch.device | None = None) -> float:
+        """Unscale (fp16), clip, update, advance the schedule, clear; returns the pre-clip norm.
+
+        With a non-finite norm the weights are left unchanged: without a scaler the step is
+        skipped here; with one, the scaler skips it and lowers the scale (an fp16 overflow)."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = clip_gradients(self.trainable(), max_norm, device)
+        if not self.scaler and not math.isfinite(norm):
+            # NaN/inf gradients would poison the weights: leave them as they are.
+            self.skip_step()
+            return norm
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     @property
     def world_size(self) -> int:

@@ -8,10 +8,12 @@ layers are found generically: the modules whose class is named in the transforme
 ``_no_split_modules``, or else the children of the largest ``nn.ModuleList``.
 
 Gradients are reduce-scattered (averaged over ranks, as the recipe's loss scaling expects)
-only on the last micro-batch of a step (``set_requires_gradient_sync``). Clipping uses
-``clip_grad_norm_`` on the DTensor gradients, whose norm is the global one. With a half
+only on the last micro-batch of a step (``set_requires_gradient_sync``). Clipping uses the
+recipe's own norm (``engine_base.grad_norm``: each rank's shards in fp32 chunks, the squares
+summed in fp64 and all-reduced), so it reports the norm one process reports. With a half
 compute dtype, parameters are gathered in that dtype and gradients reduced in fp32
-(``MixedPrecisionPolicy``); the sharded master weights stay fp32.
+(``MixedPrecisionPolicy``); the sharded master weights stay fp32. fp16 on CUDA also scales the
+loss (``torch.amp.GradScaler``, which handles DTensor gradients), as one process does.
 
 Checkpoints are folders written with ``torch.distributed.checkpoint`` (each rank its shards):
 ``model/`` (``get_model_state_dict``; only the trainable tensors for LoRA on a downloaded
@@ -22,7 +24,6 @@ base), ``optim/`` (``get_optimizer_state_dict``), ``extra.pt`` (schedule, RNG st
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
@@ -31,7 +32,7 @@ from packtune.distributed import DistEnv
 from packtune.modeling import transformers_model
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
-from packtune.recipe.engine_base import Engine, build_optimizer, lr_lambda, not_my_checkpoint
+from packtune.recipe.engine_base import Engine, build_optimizer, grad_scaler, lr_lambda, not_my_checkpoint
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -51,7 +52,10 @@ class FSDPEngine(Engine):
     """FSDP2 over all ranks; see the module docs."""
 
     name = "fsdp"
-    loss_scaling = False  # a half compute dtype casts parameters; there is no loss scaler
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.scaler is not None
 
     def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
         from torch.distributed.device_mesh import init_device_mesh
@@ -79,6 +83,7 @@ class FSDPEngine(Engine):
         self.model = model
         self.optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))
+        self.scaler = grad_scaler(compute_dtype, env.device)
 
     @contextlib.contextmanager
     def accumulate(self, last: bool):
@@ -89,22 +94,11 @@ class FSDPEngine(Engine):
             self.root.set_requires_gradient_sync(True)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
         """Clip (global norm over every shard), update, schedule, clear; returns the norm."""
-        limit = self.max_norm if self.max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.trainable(), limit)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)
-        if not math.isfinite(norm):
-            self.skip_step()
-            return norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self.clip_and_update(self.max_norm, self.env.device)
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -126,7 +120,8 @@ class FSDPEngine(Engine):
             dcp.save(model_state, checkpoint_id=os.path.join(tmp, sharded.FSDP_MODEL))
             dcp.save(optim_state, checkpoint_id=os.path.join(tmp, sharded.FSDP_OPTIM))
             if self.env.is_main:
-                extra = {"scheduler": self.scheduler.state_dict(), "rng": rng, "meta": meta}
+                extra = {"scheduler": self.scheduler.state_dict(), "rng": rng, "meta": meta,
+                         "scaler": self.scaler.state_dict() if self.scaler else None}
                 ckpt.atomic_torch_save(extra, os.path.join(tmp, sharded.FSDP_EXTRA))
                 sharded.write_info(
                     tmp,
@@ -156,5 +151,7 @@ class FSDPEngine(Engine):
         set_optimizer_state_dict(self.model, self.optimizer, optim_state, options=self._options())
         extra = torch.load(os.path.join(path, sharded.FSDP_EXTRA), map_location="cpu", weights_only=False)
         self.scheduler.load_state_dict(extra["scheduler"])
+        if self.scaler and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
         ckpt.restore_rng_states(extra["rng"], self.env)
         return extra["meta"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 
 from packtune.distributed import DistEnv
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.engine_base import Engine, build_optimizer, clip_gradients, lr_lambda, not_my_checkpoint
+from packtune.recipe.engine_base import Engine, build_optimizer, grad_scaler, lr_lambda, not_my_checkpoint
 
 
 class PlainEngine(Engine):
@@ -25,8 +24,7 @@ class PlainEngine(Engine):
         self.max_norm = float(settings.max_norm)
         self.optimizer = build_optimizer(self.unwrapped(), settings.lr, settings.betas, settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))
-        use_scaler = compute_dtype == torch.float16 and env.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.scaler = grad_scaler(compute_dtype, env.device)
 
     @property
     def loss_scaling(self) -> bool:
@@ -43,21 +41,7 @@ class PlainEngine(Engine):
 
         With a non-finite norm the weights are left unchanged (fp16 loss scaling handles its
         own overflow steps)."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        norm = clip_gradients(self.trainable(), self.max_norm)
-        if not self.scaler and not math.isfinite(norm):
-            # NaN/inf gradients would poison the weights: leave them as they are.
-            self.skip_step()
-            return norm
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return self.clip_and_update(self.max_norm)
 
     # --- checkpoints ----------------------------------------------------------------------
 

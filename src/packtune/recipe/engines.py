@@ -30,4 +30,5 @@ def engine_kind(env: DistEnv, deepspeed: str | None, fsdp: bool) -> str:
         return "deepspeed"
     if fsdp:
         return "fsdp"
-    return "ddp" if env.world_size > 1 else "single"
+    # Under a launcher a world of one is DDP too: the same engine and collectives as on N GPUs.
+    return "ddp" if env.distributed else "single"

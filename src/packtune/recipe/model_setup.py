@@ -18,11 +18,15 @@ class SetupError(RuntimeError):
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: ``auto`` is bf16 on a CUDA device that has it, fp32 elsewhere."""
+    """The autocast dtype: ``auto`` is bf16 on a CUDA device with native bf16 (Ampere and
+    newer), fp16 on an older card (the engines then scale the loss), fp32 elsewhere."""
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type != "cuda":
+            return torch.float32
+        # Emulated bf16 (T4, V100) would be counted too, and is many times slower than fp16.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
-        return torch.float32
+        return torch.float16
     return DTYPES[name]
 
 
@@ -48,7 +52,8 @@ def _quantization(settings, device: torch.device):
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            # The 4-bit matmuls compute in the run's dtype (fp16 on a card without bf16).
+            bnb_4bit_compute_dtype=compute_dtype(settings.dtype, device),
         )
     return BitsAndBytesConfig(load_in_8bit=True)
 
@@ -112,7 +117,8 @@ def build_model(settings, device: torch.device, dtype: torch.dtype) -> torch.nn.
     if not (settings.lora or {}).get("quantization"):
         model.to(device)
     if settings.use_varlen_attn:
-        check_no_leak(model)
+        # Under the training step's autocast: the check runs the kernel training will run.
+        check_no_leak(model, dtype=dtype)
     if settings.gradient_checkpointing:
         # transformers >= 5.x renames it activation checkpointing; older releases have only this name.
         if hasattr(model, "activation_checkpointing_enable"):
@@ -123,7 +129,12 @@ def build_model(settings, device: torch.device, dtype: torch.dtype) -> torch.nn.
         if settings.lora.get("quantization"):
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+            # Without these kwargs peft switches checkpointing back to the reentrant kind.
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=settings.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
         elif settings.gradient_checkpointing:
             model.enable_input_require_grads()
         model = apply_lora(model, settings.lora)

@@ -10,7 +10,6 @@ rank or 2.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from packtune.loss import target_weights, weighted_loss_sum
-from packtune.modeling import transformers_model
+from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
 from packtune.parallel.groups import SequenceParallel
@@ -33,13 +32,6 @@ class StepResult:
     weight_total: float
     tokens: int
     trained_tokens: int
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype):
-    """Autocast to ``dtype`` on ``device``, or nothing for fp32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @functools.lru_cache(maxsize=None)

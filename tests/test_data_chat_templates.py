@@ -384,12 +384,15 @@ text_st = st.lists(st.sampled_from(WORDS), min_size=1, max_size=4).map(" ".join)
 
 
 @st.composite
-def conversations(draw):
+def conversations(draw, tool_rounds: bool):
     """1-3 user/assistant rounds over a small shared vocabulary (replies often repeat the user's
-    words), each reply with no reasoning, reasoning in ``reasoning_content``, or in the content."""
+    words), each reply with no reasoning, reasoning in ``reasoning_content``, or in the content;
+    with ``tool_rounds``, a round may first call a tool (a reply, then a tool result)."""
     msgs = []
     for _ in range(draw(st.integers(1, 3))):
         msgs.append(user(draw(text_st)))
+        if tool_rounds and draw(st.booleans()):
+            msgs += [bot(draw(text_st)), {"role": "tool", "content": draw(text_st)}]
         answer, kind = draw(text_st), draw(st.sampled_from(["none", "field", "inline"]))
         thought = draw(text_st)
         if kind == "field":
@@ -413,8 +416,8 @@ def marked_rewrite(conv, reasoning):
     last = max(i for i, m in enumerate(conv) if m["role"] == "user")
     out = "<s>"
     for i, m in enumerate(conv):
-        if m["role"] == "user":
-            out += f"<|user|>\n{m['content']}<|eot|>\n"
+        if m["role"] != "assistant":
+            out += f"<|{m['role']}|>\n{m['content']}<|eot|>\n"
             continue
         thought, answer = parts(m)
         block = f"<think>\n{thought}\n</think>\n\n" if i > last else ""
@@ -440,13 +443,13 @@ def marked_think_prompt(conv, reasoning):
 
 
 def marked_eos_after_last(conv, reasoning):
-    turns = "".join(f"<|user|>\n{m['content']}<|end|>\n" if m["role"] == "user"
+    turns = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" if m["role"] != "assistant"
                     else f"<|assistant|>\n«{m['content']}<|end|>»\n" for m in conv)
     return turns + "</s>"
 
 
 def marked_no_end_of_turn(conv, reasoning):
-    return "<s>" + "".join(f"<|user|>\n{m['content']}" if m["role"] == "user"
+    return "<s>" + "".join(f"<|{m['role']}|>\n{m['content']}" if m["role"] != "assistant"
                            else f"<|assistant|>\n«{m['content']}</s>»" for m in conv)
 
 
@@ -465,14 +468,15 @@ def property_templates(base_tok):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(conv=conversations(), name=st.sampled_from(sorted(PROPERTY_TEMPLATES)), reasoning=st.booleans())
-def test_trained_tokens_are_exactly_the_replies(base_tok, property_templates, conv, name, reasoning):
+@given(data=st.data(), name=st.sampled_from(sorted(PROPERTY_TEMPLATES)), reasoning=st.booleans())
+def test_trained_tokens_are_exactly_the_replies(base_tok, property_templates, data, name, reasoning):
     """Decoded through their character offsets (exact, unlike ``decode`` which adds a space after
     added tokens), the trained tokens are the replies as rendered plus their stops, in order, and
     no trained token lies outside a reply: no user text."""
     template, model = property_templates[name]
+    conv = data.draw(conversations(tool_rounds=name != "think_prompt"))  # it writes every non-user turn as a reply
     if name in ("eos_after_last", "no_end_of_turn"):
-        conv = [m if m["role"] == "user" else bot(m["content"]) for m in conv]  # they write content as is
+        conv = [bot(m["content"]) if m["role"] == "assistant" else m for m in conv]  # they write content as is
         reasoning = True
     marked = model(conv, reasoning)
     text, spans = parse_marked(marked)

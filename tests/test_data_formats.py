@@ -16,6 +16,7 @@ from packtune.data import (
     DataOptions,
     build_dataset,
     detect_format,
+    get_template,
     load_tokenizer,
     to_sample,
 )
@@ -101,7 +102,22 @@ def test_messages_tool_calls_become_the_reply():
     row = json.loads((FIXTURES / "messages.jsonl").read_text().splitlines()[1])
     conv = to_sample(row, "messages")
     assert [m["role"] for m in conv.messages] == ["user", "assistant", "tool", "assistant"]
-    assert json.loads(conv.messages[1]["content"]) == [{"name": "get_weather", "arguments": '{"city": "Rome"}'}]
+    # Kept as they are, for a chat template that writes tool calls its own way ...
+    assert conv.messages[1] == {"role": "assistant", "content": "", "tool_calls": row["messages"][1]["tool_calls"]}
+    # ... and written as JSON by the built-in templates.
+    trained = [t for t, tr in get_template("chatml", bos="", eos="").render(conv.messages) if tr]
+    assert json.loads(trained[0].removesuffix("<|im_end|>")) == [{"name": "get_weather", "arguments": '{"city": "Rome"}'}]
+
+
+def test_messages_reasoning_is_kept():
+    row = {"messages": [{"role": "user", "content": "2+2?"},
+                        {"role": "assistant", "content": "4", "reasoning_content": "Add them."}]}
+    assert to_sample(row, "messages").messages[1] == {"role": "assistant", "content": "4", "reasoning_content": "Add them."}
+    bad = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": 4}]}
+    assert to_sample(bad, "messages").reason == "non_string_content"
+    # A reply with no text, no reasoning and no tool call is empty.
+    empty = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": " "}]}
+    assert to_sample(empty, "messages").reason == "empty_reply"
 
 
 def test_oasst1_turns():

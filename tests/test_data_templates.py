@@ -168,7 +168,7 @@ def test_system_prompt_option_and_default_system():
 def test_tools_go_into_the_system_prompt_and_are_not_trained():
     t = get_template("chatml", bos="", eos="")
     segs = t.render(CONV[1:3], tools='[{"name": "f"}]')
-    assert segs[1] == ('<|im_start|>system\nYou can call these tools (JSON schema):\n[{"name": "f"}]<|im_end|>\n', False)
+    assert segs[0] == ('<|im_start|>system\nYou can call these tools (JSON schema):\n[{"name": "f"}]<|im_end|>\n', False)
 
 
 def test_tool_results_are_context():
@@ -203,7 +203,7 @@ def test_chat_template_replies_found_by_prefix(chat_tok):
     assert [t for t, tr in segs if tr] == ["Hello!<|im_end|>", "Goodbye.<|im_end|>"]
 
 
-def test_chat_template_without_stable_prefixes_falls_back_to_search(tok):
+def test_chat_template_without_stable_prefixes(tok):
     import copy
 
     t = copy.deepcopy(tok)
@@ -214,7 +214,8 @@ def test_chat_template_without_stable_prefixes_falls_back_to_search(tok):
         "{% if add_generation_prompt %}{{ 'A:' }}{% endif %}"
     )
     segs = get_template("auto", t).render(CONV[1:])
-    assert [x for x, tr in segs if tr] == ["Hello!</s>", "Goodbye.</s>"]
+    # What the model writes after the generation prompt 'A:', through EOS; not the space after it.
+    assert [x for x, tr in segs if tr] == [" Hello!</s>", " Goodbye.</s>"]
 
 
 def test_render_prompt_tokens(tok, chat_tok):

@@ -2,9 +2,11 @@
 of a config's dataset.
 
 Builds (or loads from the cache) the packed dataset exactly as ``train`` would, and prints
-the report: rows read, skipped per reason, tokens, truncated, dropped, packs, utilization,
-documents per pack and tokenization speed. ``--show N`` prints the first N packs decoded,
-with the trained text marked (``«...»``, or green on a terminal); ``--plot`` writes a PNG of
+the report: rows read, skipped per reason (with the first such row and why, e.g. the chat
+template's own error), tokens, truncated, dropped, packs, utilization, documents per pack and
+tokenization speed. ``--show N`` prints the first N packs decoded, under a legend, with the
+trained text marked (``«...»``, or green on a terminal): the way to check by eye what a new chat
+template trains (each reply through its end-of-turn token, no user text); ``--plot`` writes a PNG of
 the packs' document layout, one pack's causal and block-diagonal varlen masks, and a
 histogram of the sample lengths.
 """
@@ -22,6 +24,7 @@ HELP = "Show what the data pipeline makes of a config's dataset: counts, packs, 
 EXAMPLES = """\
 packtune log-dataset tiny_mistral_full_demo
 packtune log-dataset tiny_mistral_full_demo --show 2          # the first 2 packs, trained text in «...»
+packtune log-dataset my_config.py --show 1 --max-chars 2000    # check what a new chat template trains
 packtune log-dataset my_config.py --plot packs.png            # layout, varlen mask, length histogram
 packtune log-dataset my_config.py --cfg-options max_length=1024 pack_strategy=sequential
 python -m packtune log-dataset my_config.py --json            # the report as JSON
@@ -32,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``CONFIG``, ``--cfg-options``, ``--show N``, ``--plot FILE``, ``--max-chars``, ``--json``."""
     add_config_arguments(parser)
     parser.add_argument("--show", type=int, default=0, metavar="N",
-                        help="print the first N packs decoded, trained text marked apart from masked text")
+                        help="print the first N packs decoded, trained text in «...» (green on a terminal) "
+                             "apart from context, under a legend")
     parser.add_argument("--max-chars", type=int, default=None, metavar="C",
                         help="with --show: cut each document's text after C characters")
     parser.add_argument("--plot", default=None, metavar="FILE.png",

@@ -134,6 +134,7 @@ class Settings:
     max_samples: int | None = _f(None, DATASET, "use only the first N rows (None = all)")
     prompt_template: str = _f("auto", 1, "chat format the samples are rendered in")
     system_prompt: str | None = _f(None, 1, "system prompt for training samples and evaluation")
+    train_on_reasoning: bool = _f(True, DATASET, "train the replies' reasoning (<think>...</think>); False = mask it")
     max_length: int = _f(2048, 1, "tokens per packed row (and per sample)")
     pack_to_max_length: bool = _f(True, 1, "pack samples into rows of max_length tokens")
     pack_strategy: str = _f("bfd", DATASET, "bfd (best-fit decreasing)|sequential|concat")

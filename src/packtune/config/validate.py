@@ -244,6 +244,7 @@ CHECKS: dict[str, Check] = {
     "max_samples": OPTIONAL(INT(1)),
     "prompt_template": CHOICE(S.PROMPT_TEMPLATES),
     "system_prompt": Check("None or a string", None, _any_str),
+    "train_on_reasoning": BOOL,
     "max_length": INT(2),
     "pack_to_max_length": BOOL,
     "pack_strategy": CHOICE(S.PACK_STRATEGIES),

@@ -11,6 +11,7 @@
   file); bad rows are skipped and counted per reason, or an error (``on_bad_row``).
 * ``templates``: the tokenizer's chat template, or a built-in one; only assistant replies
   (with their end-of-turn) are trained.
+* ``turns``: where each reply lies in a chat template's rendering, found by structure.
 * ``tokenize``: batched, in parallel, into flat arrays (``TokenizedSamples``).
 * ``cache``: tokenized samples and pack layouts on disk, keyed by content and settings.
 * ``dataset``: ``build_dataset`` -> ``PackedDataset`` (packs planned over the whole dataset).

@@ -4,8 +4,8 @@ Two levels, so that changing only a packing setting re-packs without re-tokenizi
 
 * ``tok-KEY/``: ``input_ids``, ``labels``, ``offsets``, ``row_ids`` (``.npy``) and
   ``meta.json``. KEY hashes the data's content (file bytes, or a hub dataset's fingerprint),
-  the tokenizer (``tokenizer_fingerprint``), format, template, system prompt, split and
-  ``max_samples``.
+  the tokenizer (``tokenizer_fingerprint``), format, template and its stop tokens, system
+  prompt, ``train_on_reasoning``, split and ``max_samples``.
 * ``pack-KEY/``: ``doc_start``, ``doc_end``, ``pack_offsets`` and ``meta.json``. KEY adds
   ``max_length``, strategy, overflow, ``shuffle_before_pack`` and ``seed`` to the above.
 
@@ -35,7 +35,7 @@ from packtune.data.sources import file_digest
 from packtune.data.tokenizer import default_cache_dir
 
 #: Bump when the pipeline's output changes for the same inputs: old entries are then unused.
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2
 
 
 def cache_key(parts: dict[str, Any]) -> str:

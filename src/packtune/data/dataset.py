@@ -132,18 +132,21 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
     data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
     tok_key = cache_key({
         "data": data_fp, "tokenizer": tok_fp, "format": options.dataset_format, "template": template.name,
-        "system_prompt": options.system_prompt, "split": options.dataset_split, "max_samples": options.max_samples,
+        "stop": list(template.stop), "system_prompt": options.system_prompt,
+        "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
+        "max_samples": options.max_samples,
     })
     hit = cache.load("tok", tok_key, TOK_ARRAYS)
     if hit is None:
         formats = _formats(parts, options.dataset_format)
-        encoder = Encoder(tokenizer, template, options.system_prompt)
+        encoder = Encoder(tokenizer, template, options.system_prompt, options.train_on_reasoning)
         batches = iter_batches(parts, formats, options.dataset_split, options.max_samples, BATCH_SIZE)
         res = tokenize_batches(encoder, batches, options.num_proc, options.on_bad_row)
         arrays = {"input_ids": res.samples.input_ids, "labels": res.samples.labels,
                   "offsets": res.samples.offsets, "row_ids": res.row_ids}
-        tok_meta = {"read": res.read, "skipped": res.skipped, "formats": res.formats, "seconds": res.seconds,
-                    "tokens_per_s": res.tokens_per_s, "num_proc": res.num_proc, "template": template.name}
+        tok_meta = {"read": res.read, "skipped": res.skipped, "examples": res.examples, "formats": res.formats,
+                    "seconds": res.seconds, "tokens_per_s": res.tokens_per_s, "num_proc": res.num_proc,
+                    "template": template.name}
         cache.save("tok", tok_key, arrays, tok_meta)
         tok_hit = False
     else:
@@ -164,6 +167,7 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
         report.template = "none (raw text)" if strategy == "concat" and fmts == ["text"] else tok_meta["template"]
         report.samples_read = tok_meta["read"]
         report.skipped = dict(tok_meta["skipped"])
+        report.skip_examples = dict(tok_meta.get("examples", {}))
         report.tokenize_seconds = round(tok_meta["seconds"], 3)
         report.tokenize_tokens_per_s = round(tok_meta["tokens_per_s"], 1)
         report.num_proc = tok_meta["num_proc"]

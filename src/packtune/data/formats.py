@@ -12,8 +12,11 @@ Formats (``FORMATS``), detected from a file's first rows by ``detect_format`` or
     result: context); optional ``system`` and ``tools`` fields.
 ``messages``
     OpenAI style ``{"messages": [{"role", "content"}, ...]}`` with ``system``, ``user``,
-    ``assistant``, ``tool``; optional ``tools``. An assistant message with ``tool_calls`` and
-    no content gets the calls as JSON content.
+    ``assistant``, ``tool``; optional ``tools``. An assistant message keeps its ``tool_calls``
+    (its content may then be empty or null) and its reasoning (``reasoning_content``, or
+    ``<think>...</think>`` at the start of the content); a tool result keeps ``name`` and
+    ``tool_call_id``. The template decides how they are written (built-in templates: reasoning
+    as ``<think>`` block, calls as JSON after the content).
 ``oasst1``
     openassistant-guanaco's text form: ``{"text": "### Human: ... ### Assistant: ..."}``.
 ``text``
@@ -46,7 +49,7 @@ BAD_ROW_REASONS: dict[str, str] = {
     "not_an_object": "the row is not a JSON object",
     "missing_field": "a field its format needs is missing",
     "non_string_content": "a text field is not a string",
-    "empty_reply": "an assistant reply is empty",
+    "empty_reply": "an assistant reply is empty (no text, reasoning or tool call)",
     "ends_with_user": "the conversation ends with the user (no reply to train on)",
     "ends_with_tool": "the conversation ends with a tool result (no reply to train on)",
     "no_reply": "the conversation is only a system prompt (no reply to train on)",
@@ -54,6 +57,7 @@ BAD_ROW_REASONS: dict[str, str] = {
     "unknown_role": "a message has a role the format does not know",
     "empty_text": "the text is empty",
     "template_error": "the chat template cannot render the conversation",
+    "reply_not_found": "the chat template's text around a reply changes with its words: no reply located",
 }
 
 SHAREGPT_ROLES = {
@@ -74,7 +78,7 @@ _OASST_TURN = re.compile(r"###\s*(Human|Assistant)\s*:")
 class Conversation:
     """Messages ``{"role", "content"}`` and an optional tools description (JSON text)."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     tools: str | None = None
 
 
@@ -125,7 +129,7 @@ def detect_format(rows: Iterable[Any], where: str = "the data") -> str:
     )
 
 
-def _finish(messages: list[dict[str, str]], tools: Any = None) -> Conversation | BadRow:
+def _finish(messages: list[dict[str, Any]], tools: Any = None) -> Conversation | BadRow:
     """Common checks on a conversation: non-empty, ends with a non-empty assistant reply."""
     if not messages:
         return BadRow("no_turns", "no messages")
@@ -133,7 +137,7 @@ def _finish(messages: list[dict[str, str]], tools: Any = None) -> Conversation |
         content = m["content"]
         if not isinstance(content, str):
             return BadRow("non_string_content", f"message {i} ({m['role']}) has {type(content).__name__} content")
-        if m["role"] == "assistant" and not content.strip():
+        if m["role"] == "assistant" and not (content.strip() or m.get("tool_calls") or m.get("reasoning_content")):
             return BadRow("empty_reply", f"message {i} is an empty reply")
     last = messages[-1]["role"]
     if last == "user":
@@ -179,7 +183,7 @@ def _turns(row: dict, field_: str, role_key: str, text_key: str, roles: dict[str
         return BadRow("missing_field", f"no {field_!r}")
     if not isinstance(turns, list):
         return BadRow("non_string_content", f"{field_!r} is {type(turns).__name__}, not a list")
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     system = row.get("system")
     if system is not None:
         if not isinstance(system, str):
@@ -192,14 +196,36 @@ def _turns(row: dict, field_: str, role_key: str, text_key: str, roles: dict[str
         role = roles.get(t[role_key]) if isinstance(t[role_key], str) else None
         if role is None:
             return BadRow("unknown_role", f"message {i} has role {t[role_key]!r}")
+        message = _extras(t, role)
+        if isinstance(message, BadRow):
+            return BadRow(message.reason, f"message {i}: {message.detail}")
         content = t.get(text_key)
-        if content is None and role == "assistant" and t.get("tool_calls"):
-            content = json.dumps([c.get("function", c) if isinstance(c, dict) else c for c in t["tool_calls"]],
-                                 ensure_ascii=False)
+        if content is None and message.get("tool_calls"):
+            content = ""
         if content is None:
             return BadRow("missing_field", f"message {i} has no {text_key!r}")
-        messages.append({"role": role, "content": content})
+        messages.append({"role": role, "content": content, **message})
     return _finish(messages, row.get("tools"))
+
+
+def _extras(turn: dict, role: str) -> dict[str, Any] | BadRow:
+    """What a message carries besides its text: a reply's ``tool_calls`` and reasoning, a tool
+    result's ``name`` and ``tool_call_id``."""
+    out: dict[str, Any] = {}
+    if role == "assistant":
+        calls = turn.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            return BadRow("non_string_content", f"'tool_calls' is {type(calls).__name__}, not a list")
+        if calls:
+            out["tool_calls"] = calls
+        reasoning = next((turn[k] for k in ("reasoning_content", "reasoning") if turn.get(k) is not None), None)
+        if reasoning is not None and not isinstance(reasoning, str):
+            return BadRow("non_string_content", f"'reasoning_content' is {type(reasoning).__name__}")
+        if reasoning and reasoning.strip():
+            out["reasoning_content"] = reasoning
+    elif role == "tool":
+        out.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
+    return out
 
 
 def _oasst1(row: dict) -> Conversation | BadRow:

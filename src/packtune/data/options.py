@@ -23,7 +23,8 @@ class DataOptions:
 
     ``prompt_template="auto"``: the tokenizer's chat template when it has one, else
     ``"default"``. ``system_prompt``: used for every sample that has no system message of its
-    own. ``pack_to_max_length=False``: one sample per row (layout strategy ``"none"``).
+    own. ``train_on_reasoning=False``: the replies' reasoning (``<think>...</think>``, or a
+    ``reasoning_content`` field) is context instead of trained. ``pack_to_max_length=False``: one sample per row (layout strategy ``"none"``).
     ``num_proc=None``: as many worker processes as CPUs (at most 8). ``data_cache_dir=None``:
     ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``.
     """
@@ -34,6 +35,7 @@ class DataOptions:
     max_samples: int | None = None
     prompt_template: str = "auto"
     system_prompt: str | None = None
+    train_on_reasoning: bool = True
     max_length: int = 2048
     pack_to_max_length: bool = True
     pack_strategy: str = "bfd"

@@ -6,7 +6,9 @@ Every row is accounted for, twice over::
     kept         == packed + sum(dropped.values())   # samples -> packs (overflow, no label)
 
 ``show_packs`` decodes packs for reading, with the trained tokens marked apart from the
-masked ones (``«`` and ``»`` around trained text, or colour on a terminal).
+masked ones (``«`` and ``»`` around trained text, or colour on a terminal), under a legend, so
+that a person can check by eye what a new chat template trains: each reply from where the
+generation prompt ends through its end-of-turn token, nothing of the system, user or tool turns.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class DataReport:
     tokenizer: str = ""
     samples_read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    #: The first skipped row of each reason: where, and why (e.g. the chat template's message).
+    skip_examples: dict[str, str] = field(default_factory=dict)
     kept: int = 0
     tokens: int = 0
     trained_tokens: int = 0
@@ -100,6 +104,9 @@ def format_report(r: DataReport) -> str:
     ]
     for reason, count in sorted(r.skipped.items()):
         rows.append((f"    {reason}", f"{_n(count)}  ({BAD_ROW_REASONS.get(reason, '')})"))
+        if reason in r.skip_examples:
+            example = r.skip_examples[reason]
+            rows.append(("", f"  first: {example if len(example) <= 160 else example[:157] + '...'}"))
     rows += [
         ("tokens", f"{_n(r.tokens)} in kept samples; {_n(r.trained_tokens)} trained in packs"),
         ("sample length", f"min {_n(r.length_min)}, mean {r.length_mean:,.1f}, max {_n(r.length_max)}"),
@@ -141,7 +148,9 @@ def _pieces(tokenizer: Any, ids: list[int], trained: np.ndarray) -> list[tuple[s
 def show_packs(dataset: Any, n: int, tokenizer: Any, color: bool = False, max_chars: int | None = None) -> str:
     """The first ``n`` packs of ``dataset`` decoded, document by document, trained text marked."""
     on, off = ("\x1b[1;32m", "\x1b[0m") if color else ("«", "»")
-    lines: list[str] = []
+    lines = [f"legend: {on}trained text{off} is learned (label = the token itself); the rest is context "
+             "(label -100). A reply should be marked from where the generation prompt ends through the token "
+             "that ends its turn; the first token of every document is never trained (pack contract)."]
     for p in range(min(n, len(dataset))):
         pack = dataset[p]
         cu = pack["cu_seqlens"]

@@ -13,8 +13,12 @@ Two kinds of template:
   ``deepseek``, ``yi``, ``vicuna``, ``chatglm3``, ``baichuan2_chat``. ``{bos}`` and ``{eos}`` in them stand for the tokenizer's own
   BOS and EOS tokens (empty when it has none). Every conversation starts with ``{bos}``.
 * **The tokenizer's chat template** (``ChatTemplate``), used by ``"auto"`` when the tokenizer
-  has one. Its trained spans are found by rendering the conversation up to each assistant
-  turn with ``add_generation_prompt=True``: what the next message adds is the reply.
+  has one. Each reply trains what the model must generate after the generation prompt, up to
+  and including the token that ends its turn, as it appears in the rendering of the whole
+  conversation; the turns are located by structure (``packtune.data.turns``).
+
+Reasoning (``<think>...</think>`` at the start of a reply, or a ``reasoning_content`` field) is
+trained as the template renders it; ``render(..., train_on_reasoning=False)`` makes it context.
 
 Worked example, ``chatml`` with BOS ``<s>`` (spaces added here for reading only)::
 
@@ -30,20 +34,25 @@ Worked example, ``chatml`` with BOS ``<s>`` (spaces added here for reading only)
 template, so a converted model's tokenizer renders prompts exactly as training did.
 
 Tools: a conversation may come with a ``tools`` description (a JSON string); it is added to
-the system prompt (``TOOLS_PREAMBLE``), so it is context like the rest of the system prompt.
+the system prompt (``TOOLS_PREAMBLE``), so it is context like the rest of the system prompt
+(a chat template that reads ``tools`` gets them as they are). Tool calls are part of the reply.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from packtune.data.errors import DataError
+from packtune.data.turns import THINK_CLOSE, THINK_OPEN, TurnFinder, eos_tokens, load_generation_config, split_think
 
 Segment = tuple[str, bool]
-Message = dict[str, str]
+#: ``{"role", "content"}``; an assistant message may also carry ``reasoning_content`` and
+#: ``tool_calls`` (OpenAI style), a tool result ``name`` and ``tool_call_id``.
+Message = dict[str, Any]
 
 #: How a conversation's ``tools`` field is added to its system prompt.
 TOOLS_PREAMBLE = "You can call these tools (JSON schema):\n"
@@ -241,6 +250,46 @@ def with_system(messages: Sequence[Message], system: str | None, tools: str | No
     return ([{"role": "system", "content": text}] if text else []) + msgs
 
 
+def reply_parts(message: Message) -> tuple[str, str]:
+    """A reply as a built-in template writes it: ``(reasoning block, answer)``.
+
+    ``reasoning_content`` becomes ``<think>\\n...\\n</think>\\n\\n`` before the answer; reasoning
+    already in the content stays as written; tool calls are appended to the answer as JSON.
+
+    >>> reply_parts({"role": "assistant", "content": "4", "reasoning_content": "2+2"})
+    ('<think>\\n2+2\\n</think>\\n\\n', '4')
+    >>> reply_parts({"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f"}}]})
+    ('', '[{"name": "f"}]')
+    """
+    content = message.get("content") or ""
+    calls = message.get("tool_calls")
+    if calls:
+        listed = [c.get("function", c) if isinstance(c, dict) else c for c in calls]
+        content += ("\n" if content else "") + json.dumps(listed, ensure_ascii=False)
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and reasoning.strip():
+        return f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n", content
+    parts = split_think(content)
+    if parts is None:
+        return "", content
+    opening, thought, answer = parts
+    rest = answer.lstrip()
+    return opening + thought + THINK_CLOSE + answer[: len(answer) - len(rest)], rest
+
+
+def tidy(segments: list[Segment]) -> list[Segment]:
+    """``segments`` without empty ones, touching trained ones joined."""
+    out: list[Segment] = []
+    for text, trained in segments:
+        if not text:
+            continue
+        if trained and out and out[-1][1]:
+            out[-1] = (out[-1][0] + text, True)
+        else:
+            out.append((text, trained))
+    return out
+
+
 class Template:
     """Renders conversations for one tokenizer. Build with ``get_template``."""
 
@@ -248,8 +297,10 @@ class Template:
     #: Strings that end an assistant turn (for generation).
     stop: tuple[str, ...] = ()
 
-    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> list[Segment]:
-        """Segments ``(text, trainable)`` of a whole conversation (see the module docstring)."""
+    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None, *,
+               train_on_reasoning: bool = True) -> list[Segment]:
+        """Segments ``(text, trainable)`` of a whole conversation (see the module docstring).
+        ``train_on_reasoning=False``: the replies' reasoning (``<think>...</think>``) is context."""
         raise NotImplementedError
 
     def prompt(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> str:
@@ -278,7 +329,8 @@ class BuiltinTemplate(Template):
         self._s["merge_system"] = fill(self.spec.merge_system) if self.spec.merge_system else None
         self.stop = tuple(s for s in dict.fromkeys(fill(x) for x in self.spec.stop) if s)
 
-    def _context(self, messages: Sequence[Message], system: str | None, tools: str | None) -> list[Segment]:
+    def _context(self, messages: Sequence[Message], system: str | None, tools: str | None,
+                 train_on_reasoning: bool = True) -> list[Segment]:
         """Segments of ``messages`` (trained replies included), without a trailing separator."""
         s = self._s
         msgs = messages
@@ -288,7 +340,7 @@ class BuiltinTemplate(Template):
         out: list[Segment] = [(s["prefix"], False)]
         merged: str | None = None
         for i, m in enumerate(msgs):
-            role, content = m["role"], m["content"]
+            role, content = m["role"], m.get("content") or ""
             if role == "system" and (s["merge_system"] is None or i > 0):
                 out.append((s["system"].replace("{content}", content) if s["system"] else content, False))
             elif role == "system":
@@ -302,7 +354,9 @@ class BuiltinTemplate(Template):
                 out.append(((s["tool"] or s["user"]).replace("{content}", content), False))
             elif role == "assistant":
                 out.append((s["assistant_prefix"], False))
-                out.append((s["assistant"].replace("{content}", content), True))
+                thought, answer = reply_parts(m)
+                before, _, after = s["assistant"].partition("{content}")
+                out += [(before, True), (thought, train_on_reasoning), (answer + after, True)]
                 if i + 1 < len(msgs):
                     out.append((s["sep"], False))
             else:
@@ -311,8 +365,9 @@ class BuiltinTemplate(Template):
             out.insert(1, (merged, False))
         return out
 
-    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> list[Segment]:
-        return self._context(messages, system, tools)
+    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None, *,
+               train_on_reasoning: bool = True) -> list[Segment]:
+        return tidy(self._context(messages, system, tools, train_on_reasoning))
 
     def prompt(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> str:
         segs = self._context(messages, system, tools)
@@ -368,84 +423,82 @@ class BuiltinTemplate(Template):
 
 
 class ChatTemplate(Template):
-    """The tokenizer's own Jinja chat template (``tokenizer.chat_template``)."""
+    """The tokenizer's own Jinja chat template (``tokenizer.chat_template``).
+
+    Replies are located by structure (``packtune.data.turns``): each assistant turn trains what
+    the model must generate after the generation prompt, through the token that ends the turn,
+    as it appears in the rendering of the whole conversation. ``stop``: the tokenizer's EOS and
+    every ``eos_token_id`` of the tokenizer and of ``generation_config`` (by default the one
+    saved next to the tokenizer). Tools go to the template as ``tools`` when it reads them, else
+    into the system prompt as for the built-in templates.
+    """
 
     name = "tokenizer"
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, generation_config: Any = "auto") -> None:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template; choose a built-in prompt_template")
         self.tokenizer = tokenizer
-        eos = getattr(tokenizer, "eos_token", None)
-        self.stop = (eos,) if eos else ()
+        if generation_config == "auto":
+            generation_config = load_generation_config(tokenizer)
+        self.stop = eos_tokens(tokenizer, generation_config)
+        self.eos = getattr(tokenizer, "eos_token", None) or (self.stop[0] if self.stop else "")
         specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         specials.update(str(t) for t in added.values())
-        self._specials = sorted((t for t in specials if t), key=len, reverse=True)
+        self._native_tools = re.search(r"\btools\b", str(tokenizer.chat_template)) is not None
+        self._finder = TurnFinder(sorted((t for t in specials if t), key=len, reverse=True), self.stop)
 
-    def _apply(self, messages: Sequence[Message], generation: bool) -> str:
-        out = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation)
+    def _prepare(self, messages: Sequence[Message], system: str | None,
+                 tools: str | None) -> tuple[list[Message], list | None]:
+        """The messages with the system prompt first, and the tools the template reads (if any)."""
+        if tools and self._native_tools:
+            try:
+                parsed = json.loads(tools)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, (list, dict)):
+                return with_system(messages, system), parsed if isinstance(parsed, list) else [parsed]
+        return with_system(messages, system, tools), None
+
+    def _apply(self, messages: Sequence[Message], generation: bool, tools: list | None = None) -> str:
+        out = self.tokenizer.apply_chat_template(list(messages), tools=tools, tokenize=False,
+                                                 add_generation_prompt=generation)
         if not isinstance(out, str):  # some versions return a list for a single conversation
             out = out[0]
         return out
 
-    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> list[Segment]:
-        msgs = with_system(messages, system, tools)
-        full = self._apply(msgs, False)
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for k, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            span = self._by_prefix(msgs, k, full)
-            if span is None or span[0] < cursor:
-                span = self._by_search(m["content"], full, cursor)
-            spans.append(span)
-            cursor = span[1]
+    def render(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None, *,
+               train_on_reasoning: bool = True) -> list[Segment]:
+        msgs, native = self._prepare(messages, system, tools)
+        full = self._apply(msgs, False, native)
+        turns = self._finder.find(msgs, full, lambda m, g: self._apply(m, g, native),
+                                  json.dumps(native, sort_keys=True) if native else "")
         segs: list[Segment] = []
         pos = 0
-        for a, b in spans:
-            segs += [(full[pos:a], False), (full[a:b], True)]
-            pos = b
+        for t in turns:
+            trained_from = t.start if train_on_reasoning else t.think_end
+            segs += [(full[pos:trained_from], False), (full[trained_from:t.end], True)]
+            if t.eos:
+                if not self.eos:
+                    raise DataError("the chat template writes no end-of-turn token after a reply and the tokenizer "
+                                    "has no EOS to train in its place; set the tokenizer's eos_token")
+                segs.append((self.eos, True))
+            pos = t.end
         segs.append((full[pos:], False))
-        return segs
-
-    def _by_prefix(self, msgs: list[Message], k: int, full: str) -> tuple[int, int] | None:
-        """The reply of message ``k``: what it adds to the generation prompt before it."""
-        try:
-            before = self._apply(msgs[:k], True)
-            upto = self._apply(msgs[: k + 1], False)
-        except Exception:  # templates may refuse partial conversations
-            return None
-        if not (upto.startswith(before) and full.startswith(upto)):
-            return None
-        end = len(upto.rstrip())
-        return (len(before), end) if end > len(before) else None
-
-    def _by_search(self, content: str, full: str, cursor: int) -> tuple[int, int]:
-        """Fallback: find the reply's text, and take the special token right after it."""
-        for needle in (content, content.strip()):
-            a = full.find(needle, cursor) if needle else -1
-            if a >= 0:
-                b = a + len(needle)
-                rest = full[b:]
-                gap = len(rest) - len(rest.lstrip(" "))
-                for tok in self._specials:
-                    if rest[gap:].startswith(tok):
-                        b += gap + len(tok)
-                        break
-                return a, b
-        raise ValueError("the chat template does not reproduce an assistant reply verbatim")
+        return tidy(segs)
 
     def prompt(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> str:
-        return self._apply(with_system(messages, system, tools), True)
+        msgs, native = self._prepare(messages, system, tools)
+        return self._apply(msgs, True, native)
 
 
 def get_template(name: str, tokenizer: Any = None, *, bos: str | None = None, eos: str | None = None) -> Template:
     """The template ``name`` for ``tokenizer`` (``bos``/``eos`` override the tokenizer's).
 
     ``"auto"``: the tokenizer's chat template when it has one, else ``"default"``.
-    ``"tokenizer"``: the tokenizer's chat template (an error when it has none).
+    ``"tokenizer"``: the tokenizer's chat template (an error when it has none), stopping on the
+    ``eos_token_id`` list of the generation config saved next to the tokenizer, if any.
 
     >>> get_template("mistral", bos="<s>", eos="</s>").prompt([{"role": "user", "content": "Hi"}], system="Be brief.")
     '<s>[INST] Be brief.\\n\\nHi [/INST]'

@@ -38,6 +38,7 @@ from packtune.data.formats import BadRow, to_sample
 from packtune.data.sources import RawBatch, parse_json_line
 from packtune.data.templates import Segment, Template
 from packtune.data.tokenizer import _backend
+from packtune.data.turns import ReplyNotFound
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 
 MAX_WORKERS = 8
@@ -67,6 +68,8 @@ class TokenizeResult:
     row_ids: np.ndarray
     read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    #: The first skipped row of each reason: where it is and why (a template's own message).
+    examples: dict[str, str] = field(default_factory=dict)
     formats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     num_proc: int = 1
@@ -160,11 +163,13 @@ def _encode_slow(tokenizer: Any, samples: Sequence[Sequence[Segment]]) -> tuple[
 
 @dataclass
 class Encoder:
-    """Everything a worker needs to tokenize a ``RawBatch``."""
+    """Everything a worker needs to tokenize a ``RawBatch``. ``train_on_reasoning=False``:
+    the replies' reasoning is context (label -100)."""
 
     tokenizer: Any
     template: Template
     system_prompt: str | None = None
+    train_on_reasoning: bool = True
     _backend: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -180,7 +185,12 @@ class Encoder:
         if isinstance(sample, str):
             return [(self._bos, False), (sample + self._eos, True)]
         try:
-            return self.template.render(sample.messages, self.system_prompt, sample.tools)
+            return self.template.render(sample.messages, self.system_prompt, sample.tools,
+                                        train_on_reasoning=self.train_on_reasoning)
+        except DataError:  # a setting is wrong, not this row
+            raise
+        except ReplyNotFound as exc:
+            return BadRow("reply_not_found", str(exc))
         except Exception as exc:  # a chat template that raises for this conversation
             return BadRow("template_error", f"{type(exc).__name__}: {exc}")
 
@@ -279,6 +289,7 @@ def tokenize_batches(encoder: Encoder, batches: Iterator[RawBatch], num_proc: in
     t0 = time.perf_counter()
     ids, labels, lengths, row_ids = [], [], [], []
     skipped: dict[str, int] = {}
+    examples: dict[str, str] = {}
     formats: dict[str, int] = {}
     read = 0
     used: list[int] = []
@@ -287,8 +298,9 @@ def tokenize_batches(encoder: Encoder, batches: Iterator[RawBatch], num_proc: in
             i, reason, detail = enc.bad[0]
             raise DataError(f"{batch.location(i)}: bad row ({reason}: {detail}); "
                             "set on_bad_row = 'skip' to skip and count such rows")
-        for _, reason, _ in enc.bad:
+        for i, reason, detail in enc.bad:
             skipped[reason] = skipped.get(reason, 0) + 1
+            examples.setdefault(reason, f"{batch.location(i)}: {detail}")
         formats[enc.fmt] = formats.get(enc.fmt, 0) + enc.rows
         read += enc.rows
         ids.append(enc.input_ids)
@@ -300,5 +312,5 @@ def tokenize_batches(encoder: Encoder, batches: Iterator[RawBatch], num_proc: in
     offsets = np.zeros(lens.size + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     samples = TokenizedSamples(cat(ids, np.int32), cat(labels, np.int32), offsets)
-    return TokenizeResult(samples, cat(row_ids, np.int64), read, skipped, formats,
+    return TokenizeResult(samples, cat(row_ids, np.int64), read, skipped, examples, formats,
                           time.perf_counter() - t0, used[0] if used else 1)

@@ -69,18 +69,22 @@ def _skeleton(settings) -> torch.nn.Module:
 
 
 def _save_tokenizer(settings, save_path: str) -> None:
+    """The tokenizer with the chat template used in training, and a generation config that
+    stops where a trained reply ends (every single-token stop of the template, not just EOS)."""
     from packtune.data.templates import get_template
+    from packtune.recipe.evaluate import stop_token_ids
 
     tokenizer = load_tokenizer(settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code)
-    if not getattr(tokenizer, "chat_template", None):
-        template = get_template(settings.prompt_template, tokenizer)
-        jinja = getattr(template, "to_jinja", None)
-        if jinja is not None:
-            tokenizer.chat_template = jinja(settings.system_prompt)
+    template = get_template(settings.prompt_template, tokenizer)
+    jinja = getattr(template, "to_jinja", None)
+    if jinja is not None:
+        # A built-in template trained the model: it replaces whatever template the tokenizer had.
+        tokenizer.chat_template = jinja(settings.system_prompt)
     tokenizer.save_pretrained(save_path)
+    stops = stop_token_ids(tokenizer, template.stop)
     gen = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops[0] if len(stops) == 1 else (stops or None),
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
     )
     gen.save_pretrained(save_path)

@@ -18,7 +18,8 @@ from packtune.modeling import autocast_context
 from packtune.recipe.model_setup import compute_dtype
 
 
-def _stop_ids(tokenizer, stops: Sequence[str]) -> list[int]:
+def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
+    """The EOS id and the id of every stop string that is one token, sorted."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for text in stops:
         enc = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -45,7 +46,7 @@ def generate_reply(
     ids = render_prompt(messages, tokenizer, tpl, system_prompt)
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    stops = _stop_ids(tokenizer, tpl.stop)
+    stops = stop_token_ids(tokenizer, tpl.stop)
     was_training = model.training
     model.eval()
     try:

@@ -115,7 +115,7 @@ def not_my_checkpoint(path: str, engine: str) -> CheckpointMismatch:
         writer = sharded.read_info(path).get("engine") or "an unknown engine (a folder)"
     return CheckpointMismatch(
         f"{path} was written by {writer}, and this run uses {engine}: resume with the engine "
-        "and number of processes that wrote it, or convert it (packtune convert pth_to_hf) and start from that"
+        "that wrote it (on any number of processes), or convert it (packtune convert pth_to_hf) and start from that"
     )
 
 

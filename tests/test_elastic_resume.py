@@ -11,9 +11,10 @@ reference's weights (worst tensor's ||a - b|| / ||a|| <= 1e-5) and repeat its lo
 * FSDP2: 2 processes under ``NPROC_PER_NODE`` (packtune is torchrun's agent) with rank 1 raising
          at step 3, which must end the launcher with rank 1's error line last and exit code 1;
          then resumed on 1 process;
-* ZeRO-2: 2 processes (work dir and ``--deepspeed`` both ``deepspeed_zero2``: the built-in name
-         wins) resumed on 1, through DeepSpeed's universal checkpoint;
-* ZeRO-3: 1 process resumed on 2, the same way.
+* ZeRO-2: 1 process (work dir and ``--deepspeed`` both ``deepspeed_zero2``: the built-in name
+         wins) resumed on 2, through DeepSpeed's universal checkpoint;
+* ZeRO-3: 2 processes, each reading its own partitions of the checkpoint (its first steps must
+         equal the reference's), resumed on 1, the same way.
 
 A global batch the new number of processes cannot keep is refused in one line (exit 2).
 """
@@ -188,32 +189,33 @@ def test_fsdp_two_processes_fail_then_resume_on_one(reference, base, cache, tmp_
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
-def test_zero2_two_processes_resume_on_one(reference, base, cache, tmp_path):
-    rc, out = _train("deepspeed_zero2", _options(base, 1), cache, nproc=2, engine=["--deepspeed", "deepspeed_zero2"],
-                     cwd=str(tmp_path))
-    _ok(rc, out, "ZeRO-2 on 2 processes (work dir named like the built-in config)")
+def test_zero2_one_process_resumes_on_two(reference, base, cache, tmp_path):
+    engine = ["--deepspeed", "deepspeed_zero2"]
+    rc, out = _train("deepspeed_zero2", _options(base, 2), cache, engine=engine, cwd=str(tmp_path))
+    _ok(rc, out, "ZeRO-2 on 1 process (work dir named like the built-in config)")
     work = str(tmp_path / "deepspeed_zero2")
-    uninterrupted = _state(os.path.join(work, "iter_4.pth"))
-    assert _worst_rel(uninterrupted, reference["state"]) <= REL
     _restart_from(work, 2)
-    rc, out = _train("deepspeed_zero2", _options(base, 1), cache, engine=["--deepspeed", "deepspeed_zero2"], resume="auto",
-                     cwd=str(tmp_path))
-    _ok(rc, out, "ZeRO-2 resumed on 1 process")
-    assert "universal checkpoint" in out, out[-3000:]
+    rc, out = _train("deepspeed_zero2", _options(base, 2), cache, nproc=2, engine=engine, resume="auto", cwd=str(tmp_path))
+    _ok(rc, out, "ZeRO-2 resumed on 2 processes")
+    assert "universal checkpoint" in out and "accumulative_counts 1 instead of 2" in out, out[-3000:]
     _same_as_reference(work, reference)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
-def test_zero3_one_process_resumes_on_two(reference, base, cache, tmp_path):
+def test_zero3_two_processes_resume_on_one(reference, base, cache, tmp_path):
     work = str(tmp_path / "work")
-    rc, out = _train(work, _options(base, 2), cache, engine=["--deepspeed", "deepspeed_zero3"])
-    _ok(rc, out, "ZeRO-3 on 1 process")
+    engine = ["--deepspeed", "deepspeed_zero3"]
+    rc, out = _train(work, _options(base, 1), cache, nproc=2, engine=engine)
+    _ok(rc, out, "ZeRO-3 on 2 processes")
     assert "each rank read its partitions" in out, "ZeRO-3 streamed the checkpoint into its partitions"
+    # Its first steps equal the reference: each rank read the right part of every weight.
+    for step in (1, 2):
+        assert _metrics(work)[step]["loss"] == pytest.approx(reference["metrics"][step]["loss"], rel=1e-5)
     _restart_from(work, 2)
-    rc, out = _train(work, _options(base, 2), cache, nproc=2, engine=["--deepspeed", "deepspeed_zero3"], resume="auto")
-    _ok(rc, out, "ZeRO-3 resumed on 2 processes")
-    assert "universal checkpoint" in out and "accumulative_counts 1 instead of 2" in out, out[-3000:]
+    rc, out = _train(work, _options(base, 1), cache, engine=engine, resume="auto")
+    _ok(rc, out, "ZeRO-3 resumed on 1 process")
+    assert "universal checkpoint" in out and "accumulative_counts 2 instead of 1" in out, out[-3000:]
     _same_as_reference(work, reference)
 
 
@@ -236,3 +238,46 @@ def test_a_global_batch_that_cannot_stay_is_refused(reference, base, cache, tmp_
         "global batch: with batch_size 4, resume on no number of processes; on 1 process, set batch_size to 1 or 2 "
         "(accumulative_counts = 2 / batch_size)"
     ), err[-1]
+
+
+# --- the geometry, without processes ---------------------------------------------------------------
+
+
+def test_keep_global_batch():
+    from packtune.recipe.batches import keep_global_batch
+
+    meta = {"global_packs": 8, "world_size": 4, "settings": {"batch_size": 1, "accumulative_counts": 2}}
+    assert keep_global_batch(meta, 1, 2, 4, "c") == 2  # unchanged
+    assert keep_global_batch(meta, 1, 2, 2, "c") == 4 and keep_global_batch(meta, 1, 2, 8, "c") == 1  # scaled
+    assert keep_global_batch(meta, 2, 2, 2, "c") == 2  # the user changed it and it still keeps 8: fine
+    assert keep_global_batch({}, 3, 1, 5, "c") == 1  # written before the geometry was kept
+    with pytest.raises(ValueError, match=r"Resuming keeps the global batch: with batch_size 1, resume on 1 process "
+                       r"\(accumulative_counts = 8\) or 2 processes \(accumulative_counts = 4\) or 4 processes "
+                       r"\(accumulative_counts = 2\) or 8 processes \(accumulative_counts = 1\)$"):
+        keep_global_batch(meta, 1, 2, 3, "c")  # 3 processes cannot take 8 packs
+    with pytest.raises(ValueError, match=r"set accumulative_counts = 4$"):
+        keep_global_batch(meta, 1, 3, 2, "c")  # changed by hand to a wrong value on 2 processes
+
+
+def test_data_position_is_kept_in_packs():
+    """The position survives any split of the same global batch, across epochs and the
+    short last step of an epoch; another dataset size is refused."""
+    from packtune.recipe.batches import StepPlan
+
+    class Packs(list):
+        def epoch_order(self, epoch):
+            return list(range(len(self)))
+
+    data = Packs(range(10))  # 4 packs a step: 3 steps an epoch, the last with 2 packs
+    plans = [StepPlan(data, b, a, w, 3, None) for b, a, w in ((1, 4, 1), (2, 1, 2), (1, 1, 4), (2, 2, 1))]
+    for step in range(plans[0].total_steps + 1):
+        positions = {plan.packs_consumed(step) for plan in plans}
+        assert len(positions) == 1
+        (packs,) = positions
+        assert all(plan.step_after(packs) == step for plan in plans)
+        assert plans[1].resume_step(plans[0].position(step) | {"step": step}, "c") == step
+    assert [plans[0].packs_consumed(s) for s in range(5)] == [0, 4, 8, 10, 14]
+    with pytest.raises(ValueError, match="not the end of a step"):
+        plans[0].step_after(5)
+    with pytest.raises(ValueError, match="trained on 12 packs an epoch, and the data now makes 10"):
+        plans[0].resume_step({"packs_consumed": 4, "packs_per_epoch": 12, "step": 1}, "c")

@@ -346,6 +346,8 @@ def skeleton(config, dtype: torch.dtype) -> torch.nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Tied as a loaded model is: inside the context, accelerate makes each assigned parameter a new one.
+    model.tie_weights()
     allocated: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, param in list(module._parameters.items()):

@@ -135,18 +135,6 @@ def test_cli_reports_its_error_to_torchrun(tmp_path, monkeypatch):
     assert record["exit_code"] == 2 and record["line"].startswith("packtune train: error: ") and "batch_size" in record["line"]
 
 
-def test_torchrun_arguments(monkeypatch):
-    from packtune.distributed import torchrun_args, torchrun_command
-
-    for var in _LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    assert torchrun_args(["train", "cfg"]) is None
-    monkeypatch.setenv("NPROC_PER_NODE", "2")
-    args = torchrun_args(["train", "cfg"])
-    assert args[0] == "--nproc_per_node=2" and args[-6:] == ["-m", "packtune", "train", "cfg", "--launcher", "pytorch"]
-    assert torchrun_command(["train", "cfg"])[1:3] == ["-m", "torch.distributed.run"]
-
-
 def _has_deepspeed() -> bool:
     import importlib.util
 

@@ -15,6 +15,11 @@ the sum of squared document lengths (a pack with one long document costs more th
 of many short ones): the costliest pack first, each to the rank with the least cost so far.
 The packs of each step, and so the loss and the update, stay the same; only which rank
 computes which pack changes, so no rank waits long for the slowest at the gradient sync.
+
+A checkpoint keeps the data position in packs trained on, over all ranks (``position``), and
+a resumed run keeps the global batch it was trained with (``keep_global_batch``): on another
+number of processes the accumulation is scaled to it, or the run is refused in one line that
+names the choices. So a run continues where it stopped on any number of processes.
 """
 
 from __future__ import annotations
@@ -165,22 +170,23 @@ def keep_global_batch(meta: dict, batch_size: int, accumulative_counts: int, wor
     else:
         worlds = [w for w in range(1, want + 1) if want % (batch_size * w) == 0]
         choice = "with batch_size {}, resume on {}".format(batch_size, " or ".join(
-            f"{_processes(w)} (accumulative_counts = {want // (batch_size * w)})" for w in worlds) or "no number of processes")
+            f"{processes(w)} (accumulative_counts = {want // (batch_size * w)})" for w in worlds) or "no number of processes")
         sizes = [b for b in range(1, want + 1) if want % (b * world_size) == 0]
         if sizes:
-            choice += (f"; on {_processes(world_size)}, set batch_size to {' or '.join(map(str, sizes))} "
+            choice += (f"; on {processes(world_size)}, set batch_size to {' or '.join(map(str, sizes))} "
                        f"(accumulative_counts = {want // world_size} / batch_size)")
     origin = "its settings"
     if was_batch and was_accum and was_world:
-        origin = f"batch_size {was_batch} x accumulative_counts {was_accum} x {_processes(was_world)}"
+        origin = f"batch_size {was_batch} x accumulative_counts {was_accum} x {processes(was_world)}"
     raise ValueError(
         f"{where} was trained with {want} packs per step ({origin}); this run would take {have} (batch_size "
-        f"{batch_size} x accumulative_counts {accumulative_counts} x {_processes(world_size)}). Resuming keeps the "
+        f"{batch_size} x accumulative_counts {accumulative_counts} x {processes(world_size)}). Resuming keeps the "
         f"global batch: {choice}"
     )
 
 
-def _processes(n: int) -> str:
+def processes(n) -> str:
+    """``1 process``, ``2 processes``."""
     return f"{n} process" if n == 1 else f"{n} processes"
 
 

@@ -30,7 +30,12 @@ global batch (``tests/test_distributed.py`` checks the loss and gradient norm).
 
 Checkpoints are folders ``iter_<step>.pth/`` written by ``save_checkpoint`` under a temporary
 name and renamed when every rank has written its shards. ``packtune.recipe.sharded`` reads
-them back into one plain state dict (``convert pth_to_hf``).
+them back into one plain state dict (``convert pth_to_hf``). A ZeRO checkpoint written by
+another number of ranks is loaded through DeepSpeed's universal checkpoint: converted once by
+``ds_to_universal`` (``sharded.deepspeed_universal``) and loaded with ``"checkpoint":
+{"load_universal": true}``, which the engine must know before ``deepspeed.initialize``
+(``resume``). Under ZeRO-3 the model is built partitioned (``sharded_init``), so parameters
+reach the engine as flat stubs whose shape is ``ds_shape``.
 """
 
 from __future__ import annotations
@@ -166,6 +171,21 @@ def fill_auto(config: dict, *, micro_batch: int, accumulation: int, world_size: 
     return config
 
 
+def run_config(deepspeed_config: str | dict | None, settings, world_size: int, dtype: torch.dtype,
+               hidden_size: int | None) -> dict:
+    """The DeepSpeed config of a run: ``--deepspeed`` (default ``deepspeed_zero2``) with every
+    ``"auto"`` filled from the settings (``fill_auto``)."""
+    return fill_auto(
+        resolve_deepspeed_config(deepspeed_config or "deepspeed_zero2"),
+        micro_batch=settings.batch_size,
+        accumulation=settings.accumulative_counts,
+        world_size=world_size,
+        max_norm=settings.max_norm,
+        dtype=dtype,
+        hidden_size=hidden_size,
+    )
+
+
 def _auto_keys(node, prefix: str = ""):
     if isinstance(node, dict):
         for key, value in node.items():
@@ -233,15 +253,7 @@ class DeepSpeedEngine(Engine):
         self.env = env
         self.settings = settings
         self.full_state = ckpt.needs_full_state(settings)
-        self.config = fill_auto(
-            resolve_deepspeed_config(deepspeed_config or "deepspeed_zero2"),
-            micro_batch=settings.batch_size,
-            accumulation=settings.accumulative_counts,
-            world_size=env.world_size,
-            max_norm=settings.max_norm,
-            dtype=compute_dtype,
-            hidden_size=_hidden_size(model),
-        )
+        self.config = run_config(deepspeed_config, settings, env.world_size, compute_dtype, _hidden_size(model))
         self.stage = zero_stage(self.config)
         # A ZeRO checkpoint written by another number of ranks loads through DeepSpeed's
         # universal form; the engine must be told before it is built.

@@ -9,6 +9,7 @@ tensors were saved, the state-dict key names of the unwrapped model, the run's m
         latest, zero_to_fp32.py                                      model/  (DCP shards)
         state/mp_rank_00_model_states.pt                             optim/  (DCP shards)
         state/*zero_pp_rank_*_optim_states.pt                        extra.pt (schedule, RNG, meta)
+        state_universal/   (made when another number of ranks resumes it: ``deepspeed_universal``)
 
 Every rank writes into ``iter_<step>.pth.tmp``; when all are done the main rank renames it
 into place (``atomic_folder``), so a kill leaves either the complete folder or none.

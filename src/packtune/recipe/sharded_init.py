@@ -209,19 +209,11 @@ def hf_config(settings):
 
 
 def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
-    from packtune.recipe.engine_deepspeed import fill_auto, prepare_deepspeed, resolve_deepspeed_config, zero_stage
+    from packtune.recipe.engine_deepspeed import prepare_deepspeed, run_config, zero_stage
 
     config = hf_config(settings)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    filled = fill_auto(
-        resolve_deepspeed_config(deepspeed or "deepspeed_zero2"),
-        micro_batch=settings.batch_size,
-        accumulation=settings.accumulative_counts,
-        world_size=env.world_size,
-        max_norm=settings.max_norm,
-        dtype=dtype,
-        hidden_size=getattr(text, "hidden_size", None),
-    )
+    filled = run_config(deepspeed, settings, env.world_size, dtype, getattr(text, "hidden_size", None))
     if zero_stage(filled) != 3 or (settings.lora or {}).get("quantization"):
         return Construction("whole", deepspeed_config=filled)
     # Before transformers' ZeRO-3 switch is on: it would build these under zero.Init.

@@ -30,7 +30,7 @@ from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_ran
 from packtune.modeling import check_no_leak
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.batches import StepPlan, empty_pack, keep_global_batch
+from packtune.recipe.batches import StepPlan, empty_pack, keep_global_batch, processes
 from packtune.recipe.engine_base import CheckpointMismatch
 from packtune.recipe.engines import engine_kind, make_engine
 from packtune.recipe.evaluate import evaluate
@@ -92,8 +92,9 @@ def _keep_global_batch(settings, meta: dict, path: str, env: DistEnv):
         raise CheckpointMismatch(str(exc)) from None
     if accumulation == settings.accumulative_counts:
         return settings
-    log.info("resuming on %d process(es) a run trained on %s: accumulative_counts %d instead of %d keeps its %d packs per step",
-             env.world_size, meta.get("world_size"), accumulation, settings.accumulative_counts, meta["global_packs"])
+    log.info("resuming on %s a run trained on %s: accumulative_counts %d instead of %d keeps its %d packs per step",
+             processes(env.world_size), processes(meta.get("world_size")), accumulation, settings.accumulative_counts,
+             meta["global_packs"])
     return dataclasses.replace(settings, accumulative_counts=accumulation)
 
 

@@ -55,7 +55,7 @@ from packtune.modeling import text_config
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
 from packtune.recipe.sharded import INSTALL_HINT
-from packtune.recipe.engine_base import Engine, build_optimizer, lr_lambda, not_my_checkpoint
+from packtune.recipe.engine_base import CheckpointMismatch, Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 log = logging.getLogger("packtune")
 
@@ -376,9 +376,16 @@ class DeepSpeedEngine(Engine):
             raise not_my_checkpoint(path, "deepspeed")
         tag = sharded.DEEPSPEED_TAG
         if self.universal:
+            written_by = sharded.deepspeed_world_size(path)
             log.info("%s was written by %d processes: loading it on %d through DeepSpeed's universal checkpoint",
-                     path, sharded.deepspeed_world_size(path), self.world_size)
-            tag = sharded.deepspeed_universal(path, self.env)
+                     path, written_by, self.world_size)
+            try:
+                tag = sharded.deepspeed_universal(path, self.env)
+            except Exception as exc:  # every rank gets the main rank's conversion error
+                raise CheckpointMismatch(
+                    f"{path} was written by {written_by} processes, and DeepSpeed's ds_to_universal cannot convert it "
+                    f"for {self.world_size} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): resume it "
+                    f"on {written_by} processes") from exc
         groups = [dict(g) for g in self.model.optimizer.optimizer.param_groups] if self.universal else []
         loaded, client = self.model.load_checkpoint(
             path,

@@ -169,8 +169,11 @@ def test_engine_matches_one_process(engine, baseline, cache, tmp_path, monkeypat
     assert main(["convert", "pth_to_hf", CONFIG, final, hf, "--cfg-options", *OPTIONS]) == 0
     model = AutoModelForCausalLM.from_pretrained(hf)
     state = model.state_dict()
-    gap = max(float((state[k].float() - v.float()).abs().max()) for k, v in baseline["state"].items())
-    assert gap < 1e-4, f"{engine}: final weights differ from 1 process by {gap}"
+    # The worst tensor's ||a - b|| / ||a||: a single element may differ by up to the learning
+    # rate where two ranks' gradients nearly cancel (Adam's update is about their sign there).
+    gap = max(float((state[k].float() - v.float()).norm() / v.float().norm().clamp(min=1e-12))
+              for k, v in baseline["state"].items())
+    assert gap < 1e-5, f"{engine}: final weights differ from 1 process by {gap:.2e} (relative)"
     with torch.no_grad():
         logits = model(torch.tensor([[1, 415, 2936, 9060]])).logits
     assert torch.isfinite(logits).all()
@@ -319,7 +322,7 @@ def test_slurm_variables(monkeypatch):
 
 
 def test_torchrun_relaunch_command(monkeypatch):
-    from packtune.distributed import torchrun_command
+    from packtune.distributed import torchrun_args, torchrun_command
 
     for var in _LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
@@ -327,6 +330,8 @@ def test_torchrun_relaunch_command(monkeypatch):
     monkeypatch.setenv("NPROC_PER_NODE", "4")
     cmd = torchrun_command(["train", "cfg"])
     assert "--nproc_per_node=4" in cmd and "--nnodes=1" in cmd and cmd[-4:] == ["train", "cfg", "--launcher", "pytorch"]
+    # What packtune's own launcher hands torch.distributed.run: the same, without the interpreter.
+    assert cmd[1:3] == ["-m", "torch.distributed.run"] and torchrun_args(["train", "cfg"])[-6:] == cmd[-6:]
     port = next(a for a in cmd if a.startswith("--master_port="))
     assert int(port.split("=")[1]) > 0
     monkeypatch.setenv("NNODES", "2")

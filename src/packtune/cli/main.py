@@ -14,7 +14,8 @@ A command module (listed in ``COMMANDS``, imported only when needed) exposes:
 
 Errors are one line on stderr: ``CliError`` and usage errors exit 2, a ``ConfigError`` prints
 its header and one line per problem (exit 2), anything unexpected prints its type and message
-(exit 1). ``--debug`` adds the traceback.
+(exit 1). ``--debug`` adds the traceback. A worker started by torchrun also hands its error to
+the launcher (``packtune.distributed.record_failure``), which ends the job with it.
 """
 
 from __future__ import annotations
@@ -145,6 +146,18 @@ def _say(prog: str, message: str) -> None:
     print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
 
 
+def _report(prog: str, message: str, code: int) -> None:
+    """Hand the error line to a torchrun parent, which ends the job with it (exit ``code``).
+
+    Only a worker started by torchrun has ``TORCHELASTIC_ERROR_FILE``; there torch is loaded
+    already, so importing ``packtune.distributed`` costs nothing.
+    """
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from packtune.distributed import record_failure
+
+        record_failure(f"{prog}: error: {_one_line(message)}", _one_line(message), code)
+
+
 def _usage_message(exc: UsageError, modules: dict[str, ModuleType]) -> str:
     """argparse's message, with a did-you-mean for a mistyped command."""
     message = exc.message
@@ -209,16 +222,19 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             traceback.print_exc()
         _say(prog, str(exc))
+        _report(prog, str(exc), exc.exit_code)
         return exc.exit_code
     except ConfigError as exc:
         if debug:
             traceback.print_exc()
         if len(exc.problems) == 1 and not exc.source:
             _say(prog, str(exc.problems[0]))
+            _report(prog, str(exc.problems[0]), 2)
         else:
             _say(prog, exc.header())
             for line in exc.lines():
                 print(f"  - {_one_line(line)}", file=sys.stderr)
+            _report(prog, f"{exc.header()} {'; '.join(exc.lines())}", 2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -230,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         hint = "" if debug else f" (run '{PROG} --debug {args.command} ...' for the traceback)"
         _say(prog, f"{type(exc).__name__}: {exc}{hint}")
+        _report(prog, f"{type(exc).__name__}: {exc}{hint}", 1)
         return 1
 
 

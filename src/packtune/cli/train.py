@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 from pathlib import Path
 
 from packtune.cli import add_config_arguments
@@ -60,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
     # Validation first: a config error never waits for torch, a model or the data.
     overrides = list(args.cfg_options) + ([f"seed={args.seed}"] if args.seed is not None else [])
     settings = load_settings(args.config, overrides)
-    from packtune.distributed import torchrun_command
+    from packtune.distributed import run_under_torchrun, torchrun_args
 
-    relaunch = torchrun_command(args.argv) if args.launcher == "none" else None
-    if relaunch:
+    if args.launcher == "none" and torchrun_args(args.argv):
         _check_world(settings.sequence_parallel_size)
-        return subprocess.call(relaunch)
+        # NPROC_PER_NODE: this process becomes torchrun's agent and ends with the failing
+        # rank's one-line error (exit 2 for a config/data/setup error, 1 otherwise).
+        return run_under_torchrun(args.argv, "packtune train")
     if args.deepspeed:
         from packtune.recipe.engine_deepspeed import resolve_deepspeed_config
 

@@ -19,6 +19,11 @@ the sum of squared document lengths (a pack with one long document costs more th
 of many short ones): the costliest pack first, each to the rank with the least cost so far.
 The packs of each step, and so the loss and the update, stay the same; only which rank
 computes which pack changes, so no rank waits long for the slowest at the gradient sync.
+
+A checkpoint keeps the data position in packs trained on, over all ranks (``position``), and
+a resumed run keeps the global batch it was trained with (``keep_global_batch``): on another
+number of processes the accumulation is scaled to it, or the run is refused in one line that
+names the choices. So a run continues where it stopped on any number of processes.
 """
 
 from __future__ import annotations
@@ -65,6 +70,44 @@ class StepPlan:
         first = (step % self.steps_per_epoch) * self.global_packs
         return [int(i) for i in order[first : first + self.global_packs]]
 
+    def packs_consumed(self, step: int) -> int:
+        """Packs trained on, over all ranks, after ``step`` steps: the data position a checkpoint
+        keeps (it does not depend on how the packs were split over ranks)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        return epoch * len(self.dataset) + min(within * self.global_packs, len(self.dataset))
+
+    def step_after(self, packs: int) -> int:
+        """The step after which ``packs`` packs have been trained on (``packs_consumed``'s inverse).
+
+        >>> plan = StepPlan(range(10), 2, 1, 2, 3, None)   # 4 packs a step: 3 steps an epoch
+        >>> [plan.packs_consumed(s) for s in (1, 2, 3, 4)], plan.step_after(14)
+        ([4, 8, 10, 14], 4)
+        """
+        epoch, within = divmod(packs, len(self.dataset))
+        step = epoch * self.steps_per_epoch + within // self.global_packs
+        if self.packs_consumed(step) != packs:
+            raise ValueError(f"{packs} packs is not the end of a step of {self.global_packs} packs "
+                             f"over {len(self.dataset)} packs an epoch")
+        return step
+
+    def position(self, step: int) -> dict:
+        """What a checkpoint saved after ``step`` keeps of the data position."""
+        return {"packs_consumed": self.packs_consumed(step), "packs_per_epoch": len(self.dataset)}
+
+    def resume_step(self, meta: dict, where: str) -> int:
+        """The step to continue from after checkpoint ``meta`` (saved by ``position``).
+
+        The position is kept in packs, over all ranks, not in steps of a rank, and the data must
+        be what the checkpoint was trained on (otherwise the same position holds other packs).
+        """
+        per_epoch = meta.get("packs_per_epoch")
+        if per_epoch is not None and per_epoch != len(self.dataset):
+            raise ValueError(f"{where} was trained on {per_epoch} packs an epoch, and the data now makes {len(self.dataset)}: "
+                             "resume with the data (and packing settings) it was trained on")
+        if "packs_consumed" not in meta:  # written before the position was kept in packs
+            return int(meta["step"])
+        return self.step_after(int(meta["packs_consumed"]))
+
     def micro_batches(self, step: int, rank: int) -> list[list[int]]:
         """Pack indices of each micro-batch of ``rank`` at ``step`` (an inner list may be empty)."""
         if self.balance:
@@ -102,6 +145,59 @@ class StepPlan:
             mine[r].append(p)
             load[r] += costs[p]
         return mine
+
+
+def keep_global_batch(meta: dict, batch_size: int, accumulative_counts: int, world_size: int, where: str) -> int:
+    """The ``accumulative_counts`` with which this run keeps the global batch of checkpoint ``meta``.
+
+    A run resumes with the packs per step it was trained with (they fix which packs every step
+    holds, the schedule and the update). On the same geometry nothing changes. On another
+    number of processes, with ``batch_size`` and ``accumulative_counts`` as they were, the
+    accumulation is scaled to keep the global batch (2 processes x 1 -> 1 process x 2). Anything
+    else raises ``ValueError`` in one line naming the choices that would keep it.
+
+    >>> meta = {"global_packs": 4, "world_size": 2, "settings": {"batch_size": 1, "accumulative_counts": 2}}
+    >>> keep_global_batch(meta, 1, 2, 2, "ckpt"), keep_global_batch(meta, 1, 2, 1, "ckpt"), keep_global_batch(meta, 1, 2, 4, "ckpt")
+    (2, 4, 1)
+    """
+    want = meta.get("global_packs")
+    have = batch_size * accumulative_counts * world_size
+    if not want or have == want:
+        return accumulative_counts
+    was = meta.get("settings") or {}
+    was_batch, was_accum, was_world = was.get("batch_size"), was.get("accumulative_counts"), data_parallel_size(meta)
+    unchanged = (batch_size, accumulative_counts) == (was_batch, was_accum)
+    if world_size != was_world and unchanged and want % (batch_size * world_size) == 0:
+        return want // (batch_size * world_size)
+    if want % (batch_size * world_size) == 0:
+        choice = f"set accumulative_counts = {want // (batch_size * world_size)}"
+    else:
+        worlds = [w for w in range(1, want + 1) if want % (batch_size * w) == 0]
+        choice = "with batch_size {}, resume on {}".format(batch_size, " or ".join(
+            f"{processes(w)} (accumulative_counts = {want // (batch_size * w)})" for w in worlds) or "no number of processes")
+        sizes = [b for b in range(1, want + 1) if want % (b * world_size) == 0]
+        if sizes:
+            choice += (f"; on {processes(world_size)}, set batch_size to {' or '.join(map(str, sizes))} "
+                       f"(accumulative_counts = {want // world_size} / batch_size)")
+    origin = "its settings"
+    if was_batch and was_accum and was_world:
+        origin = f"batch_size {was_batch} x accumulative_counts {was_accum} x {processes(was_world)}"
+    raise ValueError(
+        f"{where} was trained with {want} packs per step ({origin}); this run would take {have} (batch_size "
+        f"{batch_size} x accumulative_counts {accumulative_counts} x {processes(world_size)}). Resuming keeps the "
+        f"global batch: {choice}"
+    )
+
+
+def data_parallel_size(meta: dict) -> int | None:
+    """The data-parallel ranks a checkpoint was trained on: its processes, or its sequence-parallel
+    groups (checkpoints of runs without sequence parallelism record only ``world_size``)."""
+    return meta.get("data_parallel_size", meta.get("world_size"))
+
+
+def processes(n) -> str:
+    """``1 process``, ``2 processes``."""
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def empty_pack(pad_token_id: int = 0) -> dict:

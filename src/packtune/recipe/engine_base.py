@@ -44,7 +44,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas, weight_decay: floa
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # A parameter partitioned by ZeRO-3's zero.Init is a flat stub: its shape is ds_shape.
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
 
@@ -202,7 +203,7 @@ def not_my_checkpoint(path: str, engine: str) -> CheckpointMismatch:
         writer = sharded.read_info(path).get("engine") or "an unknown engine (a folder)"
     return CheckpointMismatch(
         f"{path} was written by {writer}, and this run uses {engine}: resume with the engine "
-        "and number of processes that wrote it, or convert it (packtune convert pth_to_hf) and start from that"
+        "that wrote it (on any number of processes), or convert it (packtune convert pth_to_hf) and start from that"
     )
 
 

@@ -30,7 +30,12 @@ global batch (``tests/test_distributed.py`` checks the loss and gradient norm).
 
 Checkpoints are folders ``iter_<step>.pth/`` written by ``save_checkpoint`` under a temporary
 name and renamed when every rank has written its shards. ``packtune.recipe.sharded`` reads
-them back into one plain state dict (``convert pth_to_hf``).
+them back into one plain state dict (``convert pth_to_hf``). A ZeRO checkpoint written by
+another number of ranks is loaded through DeepSpeed's universal checkpoint: converted once by
+``ds_to_universal`` (``sharded.deepspeed_universal``) and loaded with ``"checkpoint":
+{"load_universal": true}``, which the engine must know before ``deepspeed.initialize``
+(``resume``). Under ZeRO-3 the model is built partitioned (``sharded_init``), so parameters
+reach the engine as flat stubs whose shape is ``ds_shape``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from packtune.modeling import text_config
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe import sharded
 from packtune.recipe.sharded import INSTALL_HINT
-from packtune.recipe.engine_base import Engine, build_optimizer, lr_lambda, not_my_checkpoint
+from packtune.recipe.engine_base import CheckpointMismatch, Engine, build_optimizer, lr_lambda, not_my_checkpoint
 
 log = logging.getLogger("packtune")
 
@@ -93,11 +98,13 @@ def resolve_deepspeed_config(name_or_path: str | dict) -> dict:
     require_deepspeed()
     if isinstance(name_or_path, dict):
         return copy.deepcopy(name_or_path)
-    path = builtin_path(name_or_path) if not os.path.exists(name_or_path) else None
-    path = path or name_or_path
+    # A built-in name wins over a path of the same name: `--work-dir deepspeed_zero2
+    # --deepspeed deepspeed_zero2` names the built-in config, not the work dir.
+    path = builtin_path(name_or_path) or name_or_path
     if not os.path.isfile(path):
+        what = "a directory, " if os.path.isdir(path) else ""
         raise FileNotFoundError(
-            f"--deepspeed {name_or_path}: not a built-in config ({', '.join(BUILTIN)}) nor a JSON file"
+            f"--deepspeed {name_or_path}: {what}not a built-in config ({', '.join(BUILTIN)}) nor a JSON file"
         )
     try:
         with open(path) as f:
@@ -164,6 +171,21 @@ def fill_auto(config: dict, *, micro_batch: int, accumulation: int, world_size: 
     return config
 
 
+def run_config(deepspeed_config: str | dict | None, settings, world_size: int, dtype: torch.dtype,
+               hidden_size: int | None) -> dict:
+    """The DeepSpeed config of a run: ``--deepspeed`` (default ``deepspeed_zero2``) with every
+    ``"auto"`` filled from the settings (``fill_auto``)."""
+    return fill_auto(
+        resolve_deepspeed_config(deepspeed_config or "deepspeed_zero2"),
+        micro_batch=settings.batch_size,
+        accumulation=settings.accumulative_counts,
+        world_size=world_size,
+        max_norm=settings.max_norm,
+        dtype=dtype,
+        hidden_size=hidden_size,
+    )
+
+
 def _auto_keys(node, prefix: str = ""):
     if isinstance(node, dict):
         for key, value in node.items():
@@ -208,38 +230,45 @@ def _skip_cpu_shm_op() -> None:
         pass
 
 
+def prepare_deepspeed(env: DistEnv) -> None:
+    """What DeepSpeed needs before it starts (``zero.Init`` or ``initialize``): a process group
+    (one of its own for a single process), the launcher's variables, no shared-memory op build."""
+    ensure_process_group(env)
+    _launcher_variables(env)
+    if env.device.type == "cpu":
+        _skip_cpu_shm_op()
+    # DeepSpeed's communication layer over the existing group: its configs read the world size there.
+    require_deepspeed().init_distributed(dist_backend="gloo" if env.device.type == "cpu" else "nccl")
+
+
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` with packtune's optimizer and schedule; see the module docs."""
 
     name = "deepspeed"
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config):
+    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config,
+                 resume: str | None = None):
         deepspeed = require_deepspeed()
-        ensure_process_group(env)
+        prepare_deepspeed(env)
         self.env = env
         self.settings = settings
         self.full_state = ckpt.needs_full_state(settings)
-        self.config = fill_auto(
-            resolve_deepspeed_config(deepspeed_config or "deepspeed_zero2"),
-            micro_batch=settings.batch_size,
-            accumulation=settings.accumulative_counts,
-            world_size=env.world_size,
-            max_norm=settings.max_norm,
-            dtype=compute_dtype,
-            hidden_size=_hidden_size(model),
-        )
+        self.config = run_config(deepspeed_config, settings, env.world_size, compute_dtype, _hidden_size(model))
         self.stage = zero_stage(self.config)
+        # A ZeRO checkpoint written by another number of ranks loads through DeepSpeed's
+        # universal form; the engine must be told before it is built.
+        written_by = sharded.deepspeed_world_size(resume) if resume and self.stage >= 1 else None
+        self.universal = written_by is not None and written_by != env.world_size
+        if self.universal:
+            self.config.setdefault("checkpoint", {})["load_universal"] = True
         # DeepSpeed's fp16/bf16 optimizers check overflow and compute the norm themselves.
         self._half = bool(self.config["fp16"]["enabled"] or self.config["bf16"]["enabled"])
         self.loss_scaling = bool(self.config["fp16"]["enabled"])
         # Names as the unwrapped model's state_dict has them: what a converted checkpoint holds.
         self.state_keys = list(model.state_dict().keys())
         self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
-        if env.device.type == "cpu":
-            _skip_cpu_shm_op()
         optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, settings.warmup_ratio))
-        _launcher_variables(env)
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
@@ -304,6 +333,21 @@ class DeepSpeedEngine(Engine):
     def lr(self) -> float:
         return float(self.model.get_lr()[0])
 
+    def _repair_universal_stage3(self, groups: list[dict]) -> None:
+        """Undo two slips of DeepSpeed's ZeRO-3 universal load (0.19) with torch's AdamW.
+
+        It gives every parameter group one and the same ``step`` tensor, which AdamW increments
+        in place once per group, so after a step each group's bias correction is off; and it
+        copies the first group's hyperparameters into every group, giving biases and norms the
+        weight decay packtune keeps off them. (ZeRO-1/2 load per-parameter steps and groups.)
+        """
+        base = self.model.optimizer.optimizer
+        for state in base.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        for group, before in zip(base.param_groups, groups):
+            group["weight_decay"] = before["weight_decay"]
+
     # --- checkpoints ----------------------------------------------------------------------
 
     def save(self, path: str, meta: dict) -> None:
@@ -330,14 +374,29 @@ class DeepSpeedEngine(Engine):
     def load(self, path: str) -> dict:
         if not os.path.isdir(path) or sharded.read_info(path).get("engine") != "deepspeed":
             raise not_my_checkpoint(path, "deepspeed")
+        tag = sharded.DEEPSPEED_TAG
+        if self.universal:
+            written_by = sharded.deepspeed_world_size(path)
+            log.info("%s was written by %d processes: loading it on %d through DeepSpeed's universal checkpoint",
+                     path, written_by, self.world_size)
+            try:
+                tag = sharded.deepspeed_universal(path, self.env)
+            except Exception as exc:  # every rank gets the main rank's conversion error
+                raise CheckpointMismatch(
+                    f"{path} was written by {written_by} processes, and DeepSpeed's ds_to_universal cannot convert it "
+                    f"for {self.world_size} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}): resume it "
+                    f"on {written_by} processes") from exc
+        groups = [dict(g) for g in self.model.optimizer.optimizer.param_groups] if self.universal else []
         loaded, client = self.model.load_checkpoint(
             path,
-            tag=sharded.DEEPSPEED_TAG,
+            tag=tag,
             load_module_strict=self.full_state,
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if loaded is None:
             raise FileNotFoundError(f"{path}: DeepSpeed found no checkpoint to load")
+        if self.universal and self.stage == 3:
+            self._repair_universal_stage3(groups)
         ckpt.restore_rng_states(client["packtune_rng"], self.env)
         return client["packtune_meta"]

@@ -1,7 +1,8 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) behind the engine interface.
 
-Each decoder layer is sharded on its own, then the root (embeddings, final norm, LM head; the
-transformers model, also under a PEFT wrapper):
+Each decoder layer is sharded on its own, then the input embeddings and the output head (when
+their weights are not tied), then the root (the rest; the transformers model, also under a PEFT
+wrapper):
 parameters become ``DTensor`` shards over a 1-D device mesh of all ranks (CUDA with NCCL, or
 the CPU with gloo), gathered for a layer's forward and backward and resharded after. The
 layers are found generically: the modules whose class is named in the transformers model's
@@ -48,6 +49,18 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
+def embedding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input embeddings and the output head of a transformers model, when they are two
+    modules with weights of their own (tied weights must stay in one FSDP unit)."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    inp, out = (get_in() if get_in else None), (get_out() if get_out else None)
+    if inp is None or out is None or getattr(inp, "weight", None) is None or getattr(out, "weight", None) is None:
+        return []
+    if inp.weight is out.weight:
+        return []
+    return [inp, out]
+
+
 class FSDPEngine(Engine):
     """FSDP2 over all ranks; see the module docs."""
 
@@ -57,7 +70,7 @@ class FSDPEngine(Engine):
     def loss_scaling(self) -> bool:
         return self.scaler is not None
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
+    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, weights=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -77,9 +90,17 @@ class FSDPEngine(Engine):
         for layer in reversed(decoder_layers(model)):  # an inner block before one holding it
             fully_shard(layer, mesh=self.mesh, mp_policy=mp)
         # The root is the transformers model even under PEFT: ``generate`` (evaluation) calls
-        # it directly, so its hooks, which gather the embeddings and head, must sit there.
+        # it directly, so its hooks must sit there.
         self.root = transformers_model(model)
+        for part in embedding_units(self.root):
+            # Units of their own: gathered only while they compute. Left in the root, the
+            # vocabulary-sized embeddings and head would stay gathered through a whole forward.
+            fully_shard(part, mesh=self.mesh, mp_policy=mp)
         fully_shard(self.root, mesh=self.mesh, mp_policy=mp)
+        if weights is not None:
+            # Built from placeholders (``sharded_init``): each rank's shards get the checkpoint's
+            # values before the optimizer sees them.
+            weights.load_into(env)
         self.model = model
         self.optimizer = build_optimizer(model, settings.lr, settings.betas, settings.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(total_steps, settings.warmup_ratio))

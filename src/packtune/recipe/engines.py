@@ -8,8 +8,15 @@ from packtune.distributed import DistEnv
 from packtune.recipe.engine_plain import DDPEngine, PlainEngine
 
 
-def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None):
-    """The engine for ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"`` or ``"deepspeed"``."""
+def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None,
+                *, resume: str | None = None, weights=None):
+    """The engine for ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"`` or ``"deepspeed"``.
+
+    ``resume``: the checkpoint the run will load, for engines that must know before they are
+    built (DeepSpeed loads a checkpoint of another world size through its universal form).
+    ``weights``: for FSDP2 on a model built from placeholders, what fills its shards
+    (``sharded_init.StreamedWeights``).
+    """
     if kind == "single":
         return PlainEngine(model, env, settings, total_steps, compute_dtype)
     if kind == "ddp":
@@ -17,11 +24,11 @@ def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, comp
     if kind == "fsdp":
         from packtune.recipe.engine_fsdp import FSDPEngine
 
-        return FSDPEngine(model, env, settings, total_steps, compute_dtype)
+        return FSDPEngine(model, env, settings, total_steps, compute_dtype, weights=weights)
     if kind == "deepspeed":
         from packtune.recipe.engine_deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, env, settings, total_steps, compute_dtype, deepspeed_config)
+        return DeepSpeedEngine(model, env, settings, total_steps, compute_dtype, deepspeed_config, resume=resume)
     raise ValueError(f"unknown engine {kind!r}")
 
 

@@ -65,12 +65,7 @@ def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.f
     Baichuan, ChatGLM2/3, Qwen-1) become their native class, without remote code.
     """
     if settings.model_config is not None:
-        config = AutoConfig.for_model(**copy.deepcopy(settings.model_config))
-        # Random init is seeded, so a run, its resume and its conversion agree on the weights.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(settings.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        return model
+        return random_init_model(AutoConfig.for_model(**copy.deepcopy(settings.model_config)), dtype, settings.seed)
     from packtune.ports.api import load_model
 
     quant = _quantization(settings, device)
@@ -87,6 +82,40 @@ def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.f
         raise SetupError(str(exc).splitlines()[0]) from exc
 
 
+def random_init_model(config, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    """A random-init model whose weights depend on ``config`` and ``seed`` only.
+
+    Seeded, so a run, its resume and its conversion agree on the weights; and initialised the
+    way transformers does it under ZeRO-3's ``zero.Init`` (construction with initialisation
+    off, then each module's ``_init_weights`` in order), so every engine, sharded or not,
+    starts from the same weights.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    try:
+        from transformers import initialization as hf_init
+    except ImportError:  # transformers 4: initialisation at construction, as it always was
+        hf_init = None
+    if not hasattr(hf_init, "no_init_weights") or not hasattr(hf_init, "guard_torch_init_functions"):
+        hf_init = None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hf_init is None or is_deepspeed_zero3_enabled():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with hf_init.no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        with torch.no_grad(), hf_init.guard_torch_init_functions():
+            model.initialize_weights()
+        model.tie_weights()
+    return model
+
+
+def base_dtype(settings, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the base model's weights: fp32 master weights for full fine-tuning
+    (autocast computes in ``dtype``), ``dtype`` for the frozen base of a LoRA run."""
+    return dtype if settings.lora else torch.float32
+
+
 def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -100,23 +129,26 @@ def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def build_model(settings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build_model(settings, device: torch.device, dtype: torch.dtype, *, base: torch.nn.Module | None = None,
+                leak_check: bool = True) -> torch.nn.Module:
     """The model to train: varlen attention (leak-checked), checkpointing, LoRA, on ``device``.
 
     Full fine-tuning keeps fp32 master weights (autocast computes in ``dtype``); a LoRA run
-    keeps the frozen base in ``dtype`` and its adapters in fp32.
+    keeps the frozen base in ``dtype`` and its adapters in fp32. ``base``: a base model built
+    elsewhere (a sharded construction's skeleton, see ``sharded_init``) instead of loading it;
+    ``leak_check=False`` leaves the leak check to the caller (once the engine holds the model).
+    A ``base`` is not moved to ``device``: the engine that shards it places the shards.
     """
-    base_dtype = dtype if settings.lora else torch.float32
-    model = load_base_model(settings, device, base_dtype)
+    model = base if base is not None else load_base_model(settings, device, base_dtype(settings, dtype))
     if settings.use_varlen_attn:
         try:
             enable_varlen(model, settings.attn_backend)
         except ValueError as exc:
             raise SetupError(str(exc)) from exc
     model.config.use_cache = False
-    if not (settings.lora or {}).get("quantization"):
-        model.to(device)
-    if settings.use_varlen_attn:
+    if not (settings.lora or {}).get("quantization") and base is None:
+        model.to(device)  # a base built elsewhere stays on the CPU: its engine places its shards
+    if settings.use_varlen_attn and leak_check:
         # Under the training step's autocast: the check runs the kernel training will run.
         check_no_leak(model, dtype=dtype)
     if settings.gradient_checkpointing:

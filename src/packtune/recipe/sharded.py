@@ -9,6 +9,7 @@ tensors were saved, the state-dict key names of the unwrapped model, the run's m
         latest, zero_to_fp32.py                                      model/  (DCP shards)
         state/mp_rank_00_model_states.pt                             optim/  (DCP shards)
         state/*zero_pp_rank_*_optim_states.pt                        extra.pt (schedule, RNG, meta)
+        state_universal/   (made when another number of ranks resumes it: ``deepspeed_universal``)
 
 Every rank writes into ``iter_<step>.pth.tmp``; when all are done the main rank renames it
 into place (``atomic_folder``), so a kill leaves either the complete folder or none.
@@ -23,21 +24,26 @@ packtune did not write (a ``global_step*`` tag folder or its parent with ``lates
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import json
 import os
+import re
 import shutil
 
 import torch
 import torch.distributed as dist
 
+from packtune.distributed import on_main_rank
 from packtune.recipe import checkpoint as ckpt
 
 INSTALL_HINT = "--deepspeed needs DeepSpeed, which is not installed: pip install 'packtune[deepspeed]' (or pip install deepspeed)"
 
-INFO = "packtune.json"
+INFO = ckpt.INFO
 DEEPSPEED_TAG = "state"
+#: DeepSpeed's universal form of ``state`` (made on a resume with another number of processes).
+UNIVERSAL_TAG = "state_universal"
 FSDP_MODEL = "model"
 FSDP_OPTIM = "optim"
 FSDP_EXTRA = "extra.pt"
@@ -112,6 +118,56 @@ def _deepspeed_location(folder: str) -> tuple[str, str] | None:
     if any(name.endswith("model_states.pt") for name in os.listdir(folder)):
         return os.path.dirname(os.path.abspath(folder)), os.path.basename(os.path.abspath(folder))
     return None
+
+
+def deepspeed_world_size(folder: str) -> int | None:
+    """The number of data-parallel ranks that wrote the ZeRO checkpoint in ``folder`` (one
+    optimizer partition each), or ``None`` when it holds no partitioned optimizer state."""
+    location = _deepspeed_location(folder) if os.path.isdir(folder) else None
+    if location is None:
+        return None
+    tag_dir = os.path.join(*location)
+    if not os.path.isdir(tag_dir):
+        return None
+    ranks = {m.group(1) for n in os.listdir(tag_dir) if (m := re.match(r".*zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$", n))}
+    return len(ranks) or None
+
+
+def deepspeed_universal(folder: str, env) -> str:
+    """The tag of the universal form of the ZeRO checkpoint in ``folder``, made once.
+
+    DeepSpeed's ZeRO checkpoints hold each rank's partition of the flat optimizer state, so they
+    load only on the number of ranks that wrote them. DeepSpeed's own ``ds_to_universal``
+    rewrites them per parameter (``state_universal/zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt``),
+    which any number of ranks loads (``"checkpoint": {"load_universal": true}``). The main rank
+    converts into a temporary folder renamed when complete (a kill leaves no half conversion);
+    the others wait, and a failed conversion stops every rank with the same error.
+    """
+    target = os.path.join(folder, UNIVERSAL_TAG)
+
+    def convert() -> None:
+        if os.path.isdir(target):
+            return
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        location = _deepspeed_location(folder)
+        if location is None:
+            raise FileNotFoundError(f"{folder}: a DeepSpeed checkpoint without its 'latest' file")
+        tmp = f"{target}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=os.path.join(*location), output_folder=tmp, num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        # One worker: a pool forked from a rank with live process-group threads is not safe.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # DeepSpeed narrates every step
+            ds_to_universal(args)
+        # It points `latest_universal` at the temporary name; the tag is passed explicitly instead.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, "latest_universal"))
+        os.replace(tmp, target)
+        ckpt._fsync_dir(folder)
+
+    on_main_rank(env, convert)
+    return UNIVERSAL_TAG
 
 
 def _read_deepspeed(directory: str, tag: str, info: dict) -> dict:

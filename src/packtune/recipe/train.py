@@ -8,6 +8,8 @@ only decides how gradients are synchronised and weights updated.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -24,16 +26,19 @@ import torch
 from packtune import __version__
 from packtune.config import settings_to_dict
 from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
-from packtune.distributed import DistEnv, cleanup, init_distributed
+from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank, peak_memory
+from packtune.modeling import check_no_leak
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.parallel.groups import SequenceParallel, SequenceParallelError, init_sequence_parallel
 from packtune.parallel.limits import check_splittable
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.batches import StepPlan, empty_pack
+from packtune.recipe.batches import StepPlan, data_parallel_size, empty_pack, keep_global_batch, processes
+from packtune.recipe.engine_base import CheckpointMismatch
 from packtune.recipe.engines import engine_kind, make_engine
 from packtune.recipe.evaluate import evaluate
 from packtune.recipe.metrics import MetricsLogger
 from packtune.recipe.model_setup import SetupError, build_model, compute_dtype, model_source
+from packtune.recipe.sharded_init import model_construction
 from packtune.recipe.step import accumulate_gradients
 
 log = logging.getLogger("packtune")
@@ -80,6 +85,22 @@ def _resume_path(opts: RunOptions) -> str | None:
     return opts.resume
 
 
+def _keep_global_batch(settings, meta: dict, path: str, dp_size: int):
+    """``settings`` with the accumulation that keeps the checkpoint's global batch on this many
+    data-parallel ranks (``keep_global_batch``; the processes, or the sequence-parallel groups
+    under ``sequence_parallel_size``); a run that cannot keep it stops in one line."""
+    try:
+        accumulation = keep_global_batch(meta, settings.batch_size, settings.accumulative_counts, dp_size, path)
+    except ValueError as exc:
+        raise CheckpointMismatch(str(exc)) from None
+    if accumulation == settings.accumulative_counts:
+        return settings
+    log.info("resuming on %s a run trained on %s: accumulative_counts %d instead of %d keeps its %d packs per step",
+             processes(dp_size), processes(data_parallel_size(meta)), accumulation, settings.accumulative_counts,
+             meta["global_packs"])
+    return dataclasses.replace(settings, accumulative_counts=accumulation)
+
+
 def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
     packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
     if not settings.use_varlen_attn:
@@ -90,14 +111,15 @@ def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
 
 
 def _prepare_data(settings, tokenizer, env: DistEnv):
-    """Tokenize and pack on the main rank first, so the others read its cache."""
+    """Tokenize and pack on the main rank first, so the others read its cache.
+
+    A failure there (a bad row, a missing file) is raised on every rank (``on_main_rank``), so
+    all end with the same line and exit code; under slurm, where no launcher picks the first
+    error, each task's last line is then the cause, not a peer's broken connection.
+    """
     options = DataOptions.from_settings(settings)
-    if env.distributed and not env.is_main:
-        torch.distributed.barrier()
-    dataset = build_dataset(options, tokenizer)
-    if env.distributed and env.is_main:
-        torch.distributed.barrier()
-    return dataset
+    dataset = on_main_rank(env, lambda: build_dataset(options, tokenizer), shared=(DataError,))
+    return dataset if env.is_main else build_dataset(options, tokenizer)
 
 
 def _sequence_parallel(settings, env: DistEnv) -> SequenceParallel | None:
@@ -126,7 +148,9 @@ def _save(engine, opts: RunOptions, settings, step: int, plan: StepPlan, env: Di
         "step": step,
         "total_steps": plan.total_steps,
         "world_size": env.world_size,
+        "data_parallel_size": plan.world_size,
         "global_packs": plan.global_packs,
+        **plan.position(step),
         "settings": settings_to_dict(settings),
         "packtune_version": __version__,
     }
@@ -159,7 +183,8 @@ def train(settings, opts: RunOptions) -> dict:
     """
     env = init_distributed(opts.launcher)
     try:
-        summary = _train(settings, opts, env)
+        with contextlib.ExitStack() as resources:
+            summary = _train(settings, opts, env, resources)
     except BaseException as exc:
         if env.distributed:
             log.error("rank %d of %d failed: %s: %s", env.rank, env.world_size, type(exc).__name__, exc)
@@ -190,7 +215,7 @@ def _injected_fault(env: DistEnv) -> int | None:
     return step if rank == env.rank else None
 
 
-def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
+def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitStack) -> dict:
     # --- setup ------------------------------------------------------------------------------
     _setup_logging(env)
     os.makedirs(opts.work_dir, exist_ok=True)
@@ -207,12 +232,20 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
         raise DataError(f"the dataset has no trainable samples: {r.samples_read} rows read, skipped {r.skipped or 0}, "
                         f"dropped {r.dropped or 0} (packtune log-dataset CONFIG shows the full report)")
     dtype = compute_dtype(settings.dtype, env.device)
-    log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
+    kind = engine_kind(env, opts.deepspeed, opts.fsdp)
     sp = _sequence_parallel(settings, env)  # before the model: a world it cannot split fails fast
-    model = build_model(settings, env.device, dtype)
-    _check_splittable(settings, env, model)
     # The ranks of a sequence-parallel group share their packs: data parallelism is over groups.
     dp_size, dp_rank = (sp.dp_size, sp.dp_rank) if sp else (env.world_size, env.rank)
+    resume = _resume_path(opts)
+    resumed = ckpt.read_meta(resume) if resume else {}
+    if resume:
+        settings = _keep_global_batch(settings, resumed, resume, dp_size)
+    log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
+    construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
+    model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.leak_check == "build")
+    if settings.use_varlen_attn and construction.leak_check == "partitioned":
+        construction.check_partitioned(model, dtype)
+    _check_splittable(settings, env, model)
     plan = StepPlan(
         dataset,
         settings.batch_size,
@@ -222,16 +255,19 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
         settings.max_steps,
         balance=settings.balance_attention,
     )
-    kind = engine_kind(env, opts.deepspeed, opts.fsdp)
-    engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, opts.deepspeed)
+    engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, construction.deepspeed_config or opts.deepspeed,
+                         resume=resume, weights=construction.weights)
+    log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
+    if settings.use_varlen_attn and construction.leak_check == "engine":
+        check_no_leak(engine.unwrapped(), dtype=dtype)  # the engine's forward gathers the sharded parameters
     start = 0
-    resume = _resume_path(opts)
     if resume:
         meta = engine.load(resume)
-        start = int(meta["step"])
-        if meta.get("global_packs") != plan.global_packs:
-            log.warning("resuming with %s packs per step instead of %s: the data order differs from the original run", plan.global_packs, meta.get("global_packs"))
-        log.info("resumed from %s at step %d", resume, start)
+        try:
+            start = plan.resume_step(meta, resume)
+        except ValueError as exc:
+            raise CheckpointMismatch(str(exc)) from None
+        log.info("resumed from %s at step %d (%d packs trained on)", resume, start, plan.packs_consumed(start))
     else:
         earlier = sorted(glob.glob(os.path.join(opts.work_dir, "iter_*.pth")))
         if earlier and env.is_main:
@@ -301,3 +337,4 @@ def _train(settings, opts: RunOptions, env: DistEnv) -> dict:
         "loss_curve": curve,
         "data_report": getattr(dataset, "report", None),
     }
+

@@ -1,0 +1,186 @@
+"""Building a model larger than one rank: the skeleton, the streamed weights, the fallbacks.
+
+In one process (a gloo group of one): the FSDP2 skeleton takes no resident memory and keeps
+tied weights tied; streaming a sharded safetensors checkpoint into FSDP2 shards gives exactly
+the weights (and, with LoRA, the adapters) of a plain ``from_pretrained`` build; ZeRO-3's
+per-rank partition reads cover every element once for any number of ranks; checkpoints that
+cannot stream are named with the reason. The multi-process runs (ZeRO-3 and FSDP2 matching
+one process, with LoRA and gradient checkpointing) are in ``test_elastic_resume.py`` and
+``test_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from packtune.distributed import DistEnv
+
+CONFIG = "tiny_mistral_full_demo"
+
+
+def _llama(**overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=1000, max_position_embeddings=256, tie_word_embeddings=False)
+    return AutoConfig.for_model("llama", **{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """A 'downloaded' tiny Llama in several safetensors files."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_llama()).save_pretrained(path, max_shard_size="200KB")
+    assert len([n for n in os.listdir(path) if n.endswith(".safetensors")]) > 2
+    return str(path)
+
+
+def _settings(folder: str, *extra: str):
+    from packtune.config import load_settings
+
+    return load_settings(CONFIG, [f"pretrained_model_name_or_path={folder!r}", "model_config=None",
+                                  "tokenizer_name_or_path='packtune://mistral-v1'", *extra])
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_skeleton_takes_no_resident_memory():
+    from transformers import AutoModelForCausalLM
+
+    from packtune.recipe.sharded_init import skeleton
+
+    config = _llama(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                    num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=True)
+    before = _resident_mb()
+    model = skeleton(config, torch.float32)
+    size = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    grown = _resident_mb() - before
+    assert size > 300 and grown < 0.1 * size, f"a {size:.0f} MB skeleton took {grown:.0f} MB"
+    assert model.lm_head.weight is model.model.embed_tokens.weight, "tied weights stay tied"
+    assert all(p.device.type == "cpu" and p.is_contiguous() for p in model.parameters())
+    # Buffers are real: the rotary frequencies are those of a model built as usual.
+    reference = AutoModelForCausalLM.from_config(_llama())
+    small = skeleton(_llama(), torch.float32)
+    assert torch.equal(small.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+
+
+def test_checkpoints_that_cannot_stream_say_why(folder, tmp_path, caplog):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from packtune.recipe.sharded_init import _stream_source
+
+    env = DistEnv()
+    caplog.set_level(logging.INFO, logger="packtune")
+    files = _stream_source(_settings(folder), env, "FSDP2", "whole")
+    assert files is not None and len(set(files.values())) > 2 and "model.embed_tokens.weight" in files
+
+    bin_folder = tmp_path / "bin"  # weights as pytorch_model.bin (transformers 5 writes only safetensors)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    model.config.save_pretrained(bin_folder)
+    torch.save(model.state_dict(), bin_folder / "pytorch_model.bin")
+    assert _stream_source(_settings(str(bin_folder)), env, "FSDP2", "whole") is None
+    assert "not in safetensors files" in caplog.text
+
+    renamed = tmp_path / "renamed"
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(renamed)
+    state = load_file(renamed / "model.safetensors")
+    state["model.norm.gamma"] = state.pop("model.norm.weight")
+    save_file(state, renamed / "model.safetensors", metadata={"format": "pt"})
+    assert _stream_source(_settings(str(renamed)), env, "FSDP2", "whole") is None
+    assert "names its tensors differently (no model.norm.weight)" in caplog.text
+
+    from packtune.config import load_settings
+
+    assert _stream_source(load_settings(CONFIG, []), env, "FSDP2", "whole") is None
+    assert "random-init model has no checkpoint" in caplog.text
+
+
+@pytest.fixture
+def group_of_one():
+    from packtune.distributed import cleanup, ensure_process_group
+
+    env = DistEnv()
+    ensure_process_group(env)
+    yield env
+    cleanup()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_streamed_weights_equal_a_plain_load(folder, group_of_one, lora):
+    """Skeleton + LoRA + fully_shard + streamed weights == from_pretrained + LoRA, tensor for
+    tensor (the adapters' seeded init included), and the leak check passes through the engine."""
+    from packtune.modeling import check_no_leak
+    from packtune.recipe.engine_fsdp import FSDPEngine
+    from packtune.recipe.model_setup import base_dtype, build_model
+    from packtune.recipe.sharded_init import StreamedWeights, checkpoint_files, hf_config, skeleton
+
+    settings = _settings(folder, *(["lora={'r': 4}"] if lora else []), "gradient_checkpointing=True")
+    env = group_of_one
+    torch.manual_seed(settings.seed)
+    plain = build_model(settings, env.device, torch.float32)
+    torch.manual_seed(settings.seed)
+    base = skeleton(hf_config(settings), base_dtype(settings, torch.float32))
+    weights = StreamedWeights(base, checkpoint_files(folder))
+    assert not weights.missing
+    model = build_model(settings, env.device, torch.float32, base=base, leak_check=False)
+    engine = FSDPEngine(model, env, settings, total_steps=2, compute_dtype=torch.float32, weights=weights)
+    got = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in engine.model.state_dict().items()}
+    want = plain.state_dict()
+    assert set(got) == set(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+    assert any("lora_A" in k for k in want) == lora
+    check_no_leak(engine.unwrapped())
+
+
+def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
+    """Each rank's block-wise read of its ZeRO-3 partition (``ds_tensor``: elements
+    ``[r * P, (r + 1) * P)`` of the flattened tensor, the last padded), for shapes and rank
+    counts that do not divide evenly and blocks smaller than a partition: together, the tensor."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from packtune.recipe.sharded_init import _read_partition
+
+    tensors = {"w": torch.arange(7 * 13, dtype=torch.float32).reshape(7, 13), "v": torch.arange(10, dtype=torch.float32),
+               "one": torch.tensor([3.0])}
+    path = str(tmp_path / "t.safetensors")
+    save_file(tensors, path)
+    for key, tensor in tensors.items():
+        for world in (1, 2, 3, 4):
+            size = -(-tensor.numel() // world)
+            parts = []
+            for rank in range(world):
+                monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None, r=rank: r)
+                param = SimpleNamespace(ds_tensor=torch.full((size,), -1.0), ds_numel=tensor.numel(), ds_shape=tensor.shape,
+                                        ds_process_group=None)
+                _read_partition(param, path, key, block_bytes=3 * 4)  # blocks of a few rows
+                parts.append(param.ds_tensor)
+            flat = torch.cat(parts)
+            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (key, world)
+            assert not flat[tensor.numel():].any(), "the padding is zero"
+
+
+def test_fsdp_units_for_untied_embeddings_only():
+    from transformers import AutoModelForCausalLM
+
+    from packtune.recipe.engine_fsdp import embedding_units
+
+    untied = AutoModelForCausalLM.from_config(_llama())
+    assert embedding_units(untied) == [untied.model.embed_tokens, untied.lm_head]
+    tied = AutoModelForCausalLM.from_config(_llama(tie_word_embeddings=True))
+    assert embedding_units(tied) == [], "tied weights stay in one unit"

@@ -79,5 +79,21 @@ if ! timeout "$(left)" "$PYTHON" benchmarks/bench.py --quick --device cuda --out
     status=1
 fi
 
+# --- chunked loss head (issue 11, section 2) -----------------------------------------------
+# Its own block, independent of the ones above: the gpu tests of the chunked head (fp32 and
+# bf16 autocast against the plain head) and its benchmark at the issue's size (16,384 tokens,
+# hidden 1,024, vocabulary 151,936, fp32), then the same under bf16 autocast.
+echo "== chunked loss head: gpu tests"
+if ! timeout 300 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_loss_head_gpu.py; then
+    echo "FAIL: chunked loss head gpu tests"
+    status=1
+fi
+echo "== chunked loss head: benchmark (--device cuda)"
+if ! timeout 300 "$PYTHON" benchmarks/bench_loss_head.py --device cuda --out benchmarks/results-loss-head-gpu.md \
+        || ! timeout 300 "$PYTHON" benchmarks/bench_loss_head.py --device cuda --autocast; then
+    echo "FAIL: chunked loss head benchmark"
+    status=1
+fi
+
 echo "== done in $(( $(date +%s) - start )) s, status $status"
 exit $status

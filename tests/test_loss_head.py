@@ -154,3 +154,30 @@ def test_backward_runs_once_and_bad_arguments_are_refused():
         chunked_loss_sum(h, w[:, :4], targets, weights, 4)
     with pytest.raises(ValueError, match=r"must be \(10,\)"):
         chunked_loss_sum(h, w, targets[:5], weights, 4)
+
+
+def test_logits_never_exist_in_full():
+    """No tensor of the forward and backward is larger than one chunk of logits (or the weight)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    tokens, vocab, hidden, chunk = 400, 1000, 8, 16
+    h, w, targets, weights = _problem(5, tokens, vocab, hidden, "token", 3)
+    for name, transform in TRANSFORMS.items():
+        with Largest() as seen:
+            chunked_loss_sum(h, w, targets, weights, chunk, transform).backward()
+        assert seen.numel <= chunk * vocab, (name, seen.numel)
+    with Largest() as seen:  # the plain head, for contrast
+        weighted_loss_sum(h @ w.T, targets, weights).backward()
+    assert seen.numel == tokens * vocab

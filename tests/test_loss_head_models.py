@@ -31,7 +31,7 @@ from packtune.recipe.engine_plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients, forward_loss_sum
 
 CHUNK = 5
-VOCAB = 128  # conftest's tiny vocabulary
+VOCAB, HIDDEN = 128, 64  # conftest's tiny vocabulary and hidden size
 _EXTRA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, tie_word_embeddings=False)
@@ -273,3 +273,34 @@ def test_the_output_layer_must_run_once():
     assert len(layer._forward_pre_hooks) == 0  # removed after each forward
     model = copy.deepcopy(layer)
     assert model(x).shape == (3, 6)
+
+
+def test_a_training_step_never_holds_the_logits_of_more_than_a_chunk():
+    """Every tensor of forward and backward with a vocabulary-sized last dimension (logits and
+    their gradients) covers at most ``CHUNK`` positions; the plain head's cover all trained ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LogitRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                # (hidden, vocab) is the output weight transposed, not logits
+                if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == VOCAB and t.shape != (HIDDEN, VOCAB):
+                    self.rows = max(self.rows, t.numel() // VOCAB)
+            return out
+
+    model = _model("gemma2")
+    batch = _batches(seed=4)[0]
+    targets, weights = target_weights(batch.labels, batch.cu_seqlens, "token")
+    trained = int((targets != IGNORE_INDEX).sum())
+    assert 3 * CHUNK < trained != HIDDEN
+    seen = {}
+    for chunk in (CHUNK, None):
+        with LogitRows() as mode:
+            forward_loss_sum(model, batch, targets, weights, torch.float32, chunk).backward()
+        seen[chunk] = mode.rows
+    assert seen == {CHUNK: CHUNK, None: trained}

@@ -181,3 +181,22 @@ def test_logits_never_exist_in_full():
     with Largest() as seen:  # the plain head, for contrast
         weighted_loss_sum(h @ w.T, targets, weights).backward()
     assert seen.numel == tokens * vocab
+
+
+@pytest.mark.parametrize("value, problem", [
+    (0, "`loss_chunk_size` must be None or an int >= 1, got 0 (int); fix: set `loss_chunk_size` to None or an int >= 1"),
+    (512.0, "`loss_chunk_size` must be None or an int >= 1, got 512.0 (float); fix: write `loss_chunk_size = 512` (an int, not a float)"),
+    ("1024", "`loss_chunk_size` must be None or an int >= 1, got '1024' (str); fix: write `loss_chunk_size = 1024` (without quotes)"),
+])
+def test_loss_chunk_size_setting(value, problem):
+    from packtune.config import ConfigError, Settings, load_settings
+    from packtune.config.settings import LOSS_CHUNK_SIZE
+
+    base = dict(pretrained_model_name_or_path="org/model", dataset="tatsu-lab/alpaca")
+    assert Settings(**base).loss_chunk_size == LOSS_CHUNK_SIZE == 1024
+    assert Settings(**base, loss_chunk_size=None).loss_chunk_size is None
+    with pytest.raises(ConfigError) as err:
+        Settings(**base, loss_chunk_size=value)
+    assert problem in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean `loss_chunk_size`"):
+        load_settings("tiny_llama_full_demo", ["loss_chunk_sise=8"])

@@ -336,11 +336,14 @@ class ChunkedHead:
 _reported: set[str] = set()
 
 
-def _fall_back(model: torch.nn.Module, why: str) -> None:
-    line = f"loss head: {type(model).__name__}: {why}; using the plain head (loss_chunk_size has no effect)"
+def _say_once(level: int, line: str) -> None:
     if line not in _reported:
         _reported.add(line)
-        log.warning(line)
+        log.log(level, line)
+
+
+def _fall_back(model: torch.nn.Module, why: str) -> None:
+    _say_once(logging.WARNING, f"loss head: {type(model).__name__}: {why}; using the plain head (loss_chunk_size has no effect)")
 
 
 def chunked_head(model: torch.nn.Module, chunk_size: int | None = LOSS_CHUNK_SIZE) -> ChunkedHead | None:
@@ -364,4 +367,7 @@ def chunked_head(model: torch.nn.Module, chunk_size: int | None = LOSS_CHUNK_SIZ
     if why is not None:
         _fall_back(tm, why)
         return None
-    return ChunkedHead(module, HEAD_TRANSFORMS[known.__name__](tm), chunk_size)
+    transform = HEAD_TRANSFORMS[known.__name__](tm)
+    steps = ", ".join(f"{kind} {value:g}" for kind, value in transform) or "none"
+    _say_once(logging.INFO, f"loss head: chunks of {chunk_size} trained tokens ({known.__name__}, head transform: {steps})")
+    return ChunkedHead(module, transform, chunk_size)

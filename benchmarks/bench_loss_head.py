@@ -17,10 +17,11 @@ growth of peak RSS over the forward and backward (``/proc/self/clear_refs`` rese
 on a GPU; the inputs (hidden states and weight) exist before, and are not counted. The
 processes take turns (chunked, plain, chunked, plain, ...) and each figure is the best of
 ``--rounds``. The plain head needs about three ``(tokens, vocab)`` fp32 buffers at its peak
-(logits, their log-softmax, the gradient): 30 GB at the full size. Where the machine's free
-memory cannot hold that, the plain head runs at the largest halving of ``--tokens`` that fits
-(the chunked head also runs there, side by side), and its figures at ``--tokens`` are that
-measurement scaled by the number of tokens; the table says so.
+(logits, their log-softmax, the gradient): 30 GB at the full size. Where that is more than
+60% of the memory the machine has available (on the CPU; other jobs may share it), the plain
+head runs at the largest halving of ``--tokens`` that is not (the chunked head also runs there,
+side by side), and its figures at ``--tokens`` are that measurement scaled by the number of
+tokens; the table says so.
 """
 
 from __future__ import annotations
@@ -146,7 +147,7 @@ def run(args, log=print) -> tuple[list[Row], dict]:
     plain_tokens = full
     if args.device == "cpu":
         free = _available_mb()
-        while free is not None and _plain_need_mb(plain_tokens, args.vocab) > 0.8 * free and plain_tokens > 256:
+        while free is not None and _plain_need_mb(plain_tokens, args.vocab) > 0.6 * free and plain_tokens > 256:
             plain_tokens //= 2
     results: dict[tuple[str, int], list[dict]] = {}
     sizes = [full] if plain_tokens == full else [plain_tokens, full]

@@ -16,17 +16,17 @@ import copy
 import logging
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import tiny_config
+from test_loss_equivalence import _samples
 from packtune.distributed import DistEnv
 from packtune.loss import REDUCTIONS, target_weights, weighted_loss_sum
 from packtune.loss_head import HEAD_TRANSFORMS, ChunkedHead, chunked_head
 from packtune.packing.collate import collate_varlen
-from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples, get_pack, layout_packs
+from packtune.packing.packs import IGNORE_INDEX, get_pack, layout_packs
 from packtune.recipe.engine_plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients, forward_loss_sum
 
@@ -75,14 +75,7 @@ def _model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def _batches(seed: int, n: int = 9, max_length: int = 40, per_batch: int = 2):
     """Packed micro-batches of ``n`` samples, each a prompt (untrained) and an answer."""
-    rng = np.random.default_rng(seed)
-    samples = []
-    for _ in range(n):
-        length = int(rng.integers(4, 16))
-        prompt = int(rng.integers(1, length - 2))
-        ids = rng.integers(3, VOCAB, length)
-        samples.append((ids.tolist(), np.where(np.arange(length) < prompt, IGNORE_INDEX, ids).tolist()))
-    samples = TokenizedSamples.from_lists(samples)
+    samples = _samples(seed, n)  # token ids < 96 <= VOCAB
     layout, _ = layout_packs(samples, max_length, "bfd")
     packs = [get_pack(samples, layout, p) for p in range(len(layout))]
     return [collate_varlen(packs[i : i + per_batch]) for i in range(0, len(packs), per_batch)]
@@ -278,20 +271,13 @@ def test_the_output_layer_must_run_once():
 def test_a_training_step_never_holds_the_logits_of_more_than_a_chunk():
     """Every tensor of forward and backward with a vocabulary-sized last dimension (logits and
     their gradients) covers at most ``CHUNK`` positions; the plain head's cover all trained ones."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from test_loss_head import Largest
 
-    class LogitRows(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.rows = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                # (hidden, vocab) is the output weight transposed, not logits
-                if isinstance(t, torch.Tensor) and t.ndim >= 2 and t.shape[-1] == VOCAB and t.shape != (HIDDEN, VOCAB):
-                    self.rows = max(self.rows, t.numel() // VOCAB)
-            return out
+    def logit_rows(t: torch.Tensor) -> int:
+        # (hidden, vocab) is the output weight transposed, not logits
+        if t.ndim >= 2 and t.shape[-1] == VOCAB and t.shape != (HIDDEN, VOCAB):
+            return t.numel() // VOCAB
+        return 0
 
     model = _model("gemma2")
     batch = _batches(seed=4)[0]
@@ -300,7 +286,23 @@ def test_a_training_step_never_holds_the_logits_of_more_than_a_chunk():
     assert 3 * CHUNK < trained != HIDDEN
     seen = {}
     for chunk in (CHUNK, None):
-        with LogitRows() as mode:
+        with Largest(logit_rows) as mode:
             forward_loss_sum(model, batch, targets, weights, torch.float32, chunk).backward()
-        seen[chunk] = mode.rows
+        seen[chunk] = mode.largest
     assert seen == {CHUNK: CHUNK, None: trained}
+
+
+def test_gradient_checkpointing_and_a_batch_with_nothing_to_train():
+    model = _model("llama")
+    model.gradient_checkpointing_enable()
+    model.train()
+    batch = _batches(seed=8)[0]
+    _assert_same(_loss_and_grads(model, batch, "token", CHUNK), _loss_and_grads(model, batch, "token", None))
+    # Nothing trained: a zero loss whose backward still reaches every parameter (the
+    # gradient sync of every rank needs it), as with the plain head.
+    batch.labels.fill_(IGNORE_INDEX)
+    targets, weights = target_weights(batch.labels, batch.cu_seqlens, "token")
+    loss = forward_loss_sum(model, batch, targets, weights, torch.float32, CHUNK)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())

@@ -15,13 +15,13 @@ Every run of every contender is a fresh process, so that its peak memory is its 
 growth of peak RSS over the forward and backward (``/proc/self/clear_refs`` resets the peak;
 ``ru_maxrss`` would carry the parent's over ``exec``), or ``torch.cuda.max_memory_allocated``
 on a GPU; the inputs (hidden states and weight) exist before, and are not counted. The
-processes take turns (chunked, plain, chunked, plain, ...) and each figure is the best of
-``--rounds``. The plain head needs about three ``(tokens, vocab)`` fp32 buffers at its peak
-(logits, their log-softmax, the gradient): 30 GB at the full size. Where that is more than
-60% of the memory the machine has available (on the CPU; other jobs may share it), the plain
-head runs at the largest halving of ``--tokens`` that is not (the chunked head also runs there,
-side by side), and its figures at ``--tokens`` are that measurement scaled by the number of
-tokens; the table says so.
+contenders take turns (chunked, plain, chunked, ...) for ``--rounds`` rounds; a time is the
+best of its runs. The plain head needs about three ``(tokens, vocab)`` fp32 buffers at its
+peak (logits, their log-softmax, the gradient): 30 GB at the full size. Where that is more
+than 60% of the memory the machine has available (on the CPU; other jobs may share it), the
+two heads take turns at the largest halving of ``--tokens`` that is not, which gives the time
+ratio; the chunked head then also runs once at ``--tokens``, and its peak there is compared
+with the plain head's measured peak scaled by the number of tokens (the table says so).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see b
 
 import torch  # noqa: E402
 
-from bench_common import Row, machine, synchronize  # noqa: E402  (also puts src/ on the path)
-from bench_model import _peak_rss, _pythonpath, _reset_peak_rss  # noqa: E402
+from bench_common import Row, machine  # noqa: E402  (also puts src/ on the path)
+from bench_model import _pythonpath, measure_peak  # noqa: E402
 from packtune.config.settings import LOSS_CHUNK_SIZE  # noqa: E402
 from packtune.loss import weighted_loss_sum  # noqa: E402
 from packtune.loss_head import chunked_loss_sum  # noqa: E402
@@ -76,21 +76,7 @@ def child(kind: str, tokens: int, hidden: int, vocab: int, chunk: int, device: s
     # Warm-up on a few rows (kernels, allocator, lazy inits), then measure the real size.
     _step(kind, h[:64].detach().requires_grad_(), w, targets[:64], weights[:64], chunk, autocast)
     w.grad = None
-    synchronize(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _reset_peak_rss()
-    t0 = time.perf_counter()
-    loss = _step(kind, h, w, targets, weights, chunk, autocast)
-    synchronize(device)
-    seconds = time.perf_counter() - t0
-    if device == "cuda":
-        peak, exact = torch.cuda.max_memory_allocated() - before, True
-    else:
-        high, exact = _peak_rss()
-        peak = high - before
+    loss, peak, exact, seconds = measure_peak(device, lambda: _step(kind, h, w, targets, weights, chunk, autocast))
     probe = torch.Generator().manual_seed(1)
     checks = {
         "loss": float(loss),
@@ -119,6 +105,8 @@ def _plain_need_mb(tokens: int, vocab: int) -> float:
 
 
 def _spawn(kind: str, tokens: int, args) -> dict:
+    if args.in_process:  # the tests' smoke run: no clean peak, but every code path
+        return child(kind, tokens, args.hidden, args.vocab, args.chunk, args.device, args.autocast)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, "--tokens", str(tokens), "--hidden", str(args.hidden),
            "--vocab", str(args.vocab), "--chunk", str(args.chunk), "--device", args.device]
     cmd += ["--autocast"] if args.autocast else []
@@ -144,46 +132,56 @@ def _check_same(a: dict, b: dict, rel: float) -> float:
 
 def run(args, log=print) -> tuple[list[Row], dict]:
     full = args.tokens
-    plain_tokens = full
-    if args.device == "cpu":
+    side = args.side_tokens or full  # where both heads run side by side
+    if args.device == "cpu" and not args.side_tokens:
         free = _available_mb()
-        while free is not None and _plain_need_mb(plain_tokens, args.vocab) > 0.6 * free and plain_tokens > 256:
-            plain_tokens //= 2
+        while free is not None and _plain_need_mb(side, args.vocab) > 0.6 * free and side > 256:
+            side //= 2
     results: dict[tuple[str, int], list[dict]] = {}
-    sizes = [full] if plain_tokens == full else [plain_tokens, full]
-    for tokens in sizes:
-        kinds = KINDS if tokens == plain_tokens else ("chunked",)
-        for r in range(args.rounds):
-            for kind in kinds:
-                res = _spawn(kind, tokens, args)
-                results.setdefault((kind, tokens), []).append(res)
-                log(f"[loss head] {kind} {tokens} tokens, round {r + 1}: {res['seconds']:.2f} s, peak +{res['mb']:.0f} MB", file=sys.stderr)
+
+    def spawn(kind: str, tokens: int, label: str) -> None:
+        res = _spawn(kind, tokens, args)
+        results.setdefault((kind, tokens), []).append(res)
+        log(f"[loss head] {kind} {tokens} tokens, {label}: {res['seconds']:.2f} s, peak +{res['mb']:.0f} MB", file=sys.stderr)
+
+    for r in range(args.rounds):
+        for kind in KINDS:
+            spawn(kind, side, f"round {r + 1}")
+    if side != full:
+        spawn("chunked", full, "alone (the plain head does not fit)")
     best = {k: min(v, key=lambda x: x["seconds"]) for k, v in results.items()}
     peak = {k: max(x["mb"] for x in v) for k, v in results.items()}
     rel = 1e-2 if args.autocast else 1e-5
-    gap = _check_same(best[("chunked", plain_tokens)], best[("plain", plain_tokens)], rel)
+    gap = _check_same(best[("chunked", side)], best[("plain", side)], rel)
 
-    scale = full / plain_tokens
-    plain_mb, plain_s = peak[("plain", plain_tokens)] * scale, best[("plain", plain_tokens)]["seconds"] * scale
-    ours_mb, ours_s = peak[("chunked", full)], best[("chunked", full)]["seconds"]
     dtype = "bf16 autocast" if args.autocast else "fp32"
-    where = "GPU `max_memory_allocated`" if args.device == "cuda" else "peak RSS growth, fresh process per run"
-    what = (f"loss head fwd+bwd, {full:,} trained tokens, hidden {args.hidden:,}, vocabulary {args.vocab:,}, {dtype}; "
-            f"chunks of {args.chunk:,}; {where}")
-    measured = "" if scale == 1 else f" (measured at {plain_tokens:,} tokens, x{scale:g}: {_plain_need_mb(full, args.vocab) / 1024:.0f} GB does not fit this machine)"
-    mem_ratio, time_ratio = ours_mb / plain_mb, ours_s / plain_s
+    where = "GPU `max_memory_allocated`" if args.device == "cuda" else "peak RSS growth"
+    what = f"loss head fwd+bwd, {{tokens}} trained tokens, hidden {args.hidden:,}, vocabulary {args.vocab:,}, {dtype}, chunks of {args.chunk:,}"
+    scale = full / side
+    plain_mb, ours_mb = peak[("plain", side)] * scale, peak[("chunked", full)]
+    mem_ratio = ours_mb / plain_mb
+    c, p = best[("chunked", side)]["seconds"], best[("plain", side)]["seconds"]
+    time_ratio = c / p
+    if scale == 1:
+        plain_txt = f"{plain_mb:,.0f} MB (plain head)"
+    else:
+        plain_txt = (f"{plain_mb:,.0f} MB (plain head: {peak[('plain', side)]:,.0f} MB measured at {side:,} tokens, x{scale:g}; "
+                     f"it would need about {_plain_need_mb(full, args.vocab) / 1024:.0f} GB at {full:,})")
     rows = [
-        Row(what + ": peak memory", f"{ours_mb:,.0f} MB (`chunked_loss_sum`)", f"{plain_mb:,.0f} MB (plain head){measured}",
-            f"**{mem_ratio:.1%}** of plain", f"<= {GOAL_MEMORY:.0%}", "PASS" if mem_ratio <= GOAL_MEMORY else "FAIL"),
-        Row(what + ": time", f"{ours_s:.2f} s", f"{plain_s:.2f} s{measured}", f"**{time_ratio:.2f}x** plain", f"<= {GOAL_TIME:g}x",
+        Row(what.format(tokens=f"{full:,}") + f": peak memory ({where}, a fresh process per run)",
+            f"{ours_mb:,.0f} MB (`chunked_loss_sum`)", plain_txt, f"**{mem_ratio:.1%}** of plain",
+            f"<= {GOAL_MEMORY:.0%}", "PASS" if mem_ratio <= GOAL_MEMORY else "FAIL"),
+        Row(what.format(tokens=f"{side:,}") + f": time, best of {args.rounds} each, taking turns",
+            f"{c:.2f} s", f"{p:.2f} s (plain head)", f"**{time_ratio:.2f}x** plain", f"<= {GOAL_TIME:g}x",
             "PASS" if time_ratio <= GOAL_TIME else "FAIL"),
     ]
     if scale != 1:
-        c, p = ("chunked", plain_tokens), ("plain", plain_tokens)
-        rows.append(Row(f"the same, both at {plain_tokens:,} tokens (side by side)", f"{peak[c]:,.0f} MB, {best[c]['seconds']:.2f} s",
-                        f"{peak[p]:,.0f} MB, {best[p]['seconds']:.2f} s",
-                        f"{peak[c] / peak[p]:.1%} of the memory, {best[c]['seconds'] / best[p]['seconds']:.2f}x the time", "-", "info"))
-    details = {"runs": {f"{k}@{t}": v for (k, t), v in results.items()}, "largest_check_gap": gap, "plain_tokens": plain_tokens}
+        at_full = best[("chunked", full)]["seconds"]
+        rows.append(Row(f"the chunked head alone at {full:,} tokens; the same heads at {side:,}",
+                        f"{at_full:.1f} s ({at_full / full * 1e3:.1f} ms per token); {peak[('chunked', side)]:,.0f} MB at {side:,}",
+                        f"{p * scale:.1f} s (plain at {side:,}, x{scale:g}); {peak[('plain', side)]:,.0f} MB at {side:,}",
+                        f"{peak[('chunked', side)] / peak[('plain', side)]:.1%} of the memory at {side:,}", "-", "info"))
+    details = {"runs": {f"{k}@{t}": v for (k, t), v in results.items()}, "largest_check_gap": gap, "side_by_side_tokens": side}
     return rows, details
 
 
@@ -193,9 +191,11 @@ def render(rows: list[Row], info: dict, args, details: dict, seconds: float) -> 
     hw = f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), load average {info['load_average']}"
     if args.device == "cuda":
         hw = f"{torch.cuda.get_device_name()}; host {hw}"
-    lines += ["", f"Measured on {hw}; torch {info['torch']}; {info['date']}; best of {args.rounds} runs per contender, "
-              f"each in a fresh process, taking turns; loss and gradients checked equal first (largest relative gap "
-              f"{details['largest_check_gap']:.1e}); whole run {seconds:.0f} s."]
+    lines += ["", f"Measured on {hw}; torch {info['torch']}; {info['date']}; every run a fresh process, the contenders "
+              f"taking turns ({args.rounds} rounds); loss and gradients checked equal first (largest relative gap "
+              f"{details['largest_check_gap']:.1e}); whole run {seconds:.0f} s. "
+              f"Reproduce with `python benchmarks/bench_loss_head.py" + (" --device cuda" if args.device == "cuda" else "")
+              + (" --autocast" if args.autocast else "") + "`."]
     return "\n".join(lines) + "\n"
 
 
@@ -206,13 +206,16 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--chunk", type=int, default=LOSS_CHUNK_SIZE, help="tokens per chunk (default: loss_chunk_size's default)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per contender, taking turns (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per contender, taking turns (default 3)")
+    parser.add_argument("--side-tokens", type=int, help="tokens where both heads take turns (default: --tokens, or on the CPU "
+                        "the largest halving of it whose plain head fits in 60%% of the available memory)")
     parser.add_argument("--quick", action="store_true", help="2,048 tokens")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast (the products in bf16, the softmax in fp32)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="also save the table here (and the raw numbers next to it as .json)")
     parser.add_argument("--child", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -173,6 +173,13 @@ def memory_child(s: Settings, kind: str, tokens: int, device: str, dtype) -> dic
     small, _ = _batches([8, 8], cfg.vocab_size, device)
     _loss(model, small, _inputs(small, kind)).backward()
     model.zero_grad(set_to_none=True)
+    _, peak, exact, seconds = measure_peak(device, lambda: _loss(model, packed, inputs).backward())
+    return {"kind": kind, "tokens": tokens, "mb": peak / 2**20, "exact": exact, "seconds": seconds, "max_doc": max(lengths)}
+
+
+def measure_peak(device: str, fn):
+    """``fn()`` once: its result, the growth of peak memory over it in bytes, whether that is
+    exact (else a lower bound), and its seconds. Peak RSS on the CPU, allocated memory on CUDA."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -180,7 +187,7 @@ def memory_child(s: Settings, kind: str, tokens: int, device: str, dtype) -> dic
     else:
         before = _reset_peak_rss()
     t0 = time.perf_counter()
-    _loss(model, packed, inputs).backward()
+    out = fn()
     synchronize(device)
     seconds = time.perf_counter() - t0
     if device == "cuda":
@@ -188,7 +195,7 @@ def memory_child(s: Settings, kind: str, tokens: int, device: str, dtype) -> dic
     else:
         high, exact = _peak_rss()
         peak = high - before
-    return {"kind": kind, "tokens": tokens, "mb": peak / 2**20, "exact": exact, "seconds": seconds, "max_doc": max(lengths)}
+    return out, peak, exact, seconds
 
 
 def _status(field: str) -> int | None:

@@ -203,3 +203,29 @@ def test_loss_chunk_size_setting(value, problem):
     assert problem in str(err.value)
     with pytest.raises(ConfigError, match="did you mean `loss_chunk_size`"):
         load_settings("tiny_llama_full_demo", ["loss_chunk_sise=8"])
+
+
+def test_benchmark_runs_and_checks_both_heads(tmp_path, capsys, monkeypatch):
+    """``benchmarks/bench_loss_head.py`` at a tiny size, in this process: both heads run, are
+    checked equal, and the table prints; no figure is asserted (benchmarks hold the goals)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loss_head.py"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # what the module sets on import; undone after
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("packtune_bench_loss_head", path)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        out = tmp_path / "table.md"
+        argv = ["--tokens", "256", "--side-tokens", "128", "--hidden", "32", "--vocab", "500", "--chunk", "48",
+                "--rounds", "1", "--out", str(out), "--in-process"]
+        assert bench.main(argv) == 0
+    finally:
+        sys.path.remove(str(path.parent))
+    table = out.read_text()
+    assert "peak memory" in table and "time, best of 1" in table and "chunked head alone at 256" in table
+    assert "largest relative gap" in table and (tmp_path / "table.json").is_file()
+    assert table in capsys.readouterr().out

@@ -159,7 +159,7 @@ def run(args, log=print) -> tuple[list[Row], dict]:
     what = f"loss head fwd+bwd, {{tokens}} trained tokens, hidden {args.hidden:,}, vocabulary {args.vocab:,}, {dtype}, chunks of {args.chunk:,}"
     scale = full / side
     plain_mb, ours_mb = peak[("plain", side)] * scale, peak[("chunked", full)]
-    mem_ratio = ours_mb / plain_mb
+    mem_ratio = ours_mb / max(plain_mb, 1e-9)  # 0 only in the tests' in-process smoke run
     c, p = best[("chunked", side)]["seconds"], best[("plain", side)]["seconds"]
     time_ratio = c / p
     if scale == 1:
@@ -180,7 +180,7 @@ def run(args, log=print) -> tuple[list[Row], dict]:
         rows.append(Row(f"the chunked head alone at {full:,} tokens; the same heads at {side:,}",
                         f"{at_full:.1f} s ({at_full / full * 1e3:.1f} ms per token); {peak[('chunked', side)]:,.0f} MB at {side:,}",
                         f"{p * scale:.1f} s (plain at {side:,}, x{scale:g}); {peak[('plain', side)]:,.0f} MB at {side:,}",
-                        f"{peak[('chunked', side)] / peak[('plain', side)]:.1%} of the memory at {side:,}", "-", "info"))
+                        f"{peak[('chunked', side)] / max(peak[('plain', side)], 1e-9):.1%} of the memory at {side:,}", "-", "info"))
     details = {"runs": {f"{k}@{t}": v for (k, t), v in results.items()}, "largest_check_gap": gap, "side_by_side_tokens": side}
     return rows, details
 

@@ -29,8 +29,8 @@ returns ``None``, with one log line, for a model whose head packtune does not kn
 (``HEAD_TRANSFORMS``) or whose output layer it cannot split (anything other than an
 ``nn.Linear``, or a peft LoRA layer on one), and the plain head is used.
 
->>> h, w = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
->>> t, wt = torch.tensor([1, -100, 3, 6, 0]), torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0], dtype=torch.float64)
+>>> h, w = torch.randn(5, 4), torch.randn(7, 4)
+>>> t, wt = torch.tensor([1, -100, 3, 6, 0]), torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0])
 >>> plain = (torch.nn.functional.cross_entropy(h @ w.T, t, reduction="none") * wt).sum()
 >>> bool(torch.isclose(chunked_loss_sum(h, w, t, wt, chunk_size=2), plain))
 True

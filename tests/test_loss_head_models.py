@@ -306,3 +306,36 @@ def test_gradient_checkpointing_and_a_batch_with_nothing_to_train():
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+def test_an_output_layer_with_a_bias():
+    """A bias is a column of ones on the hidden side: loss and gradients as the plain layer's."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 30, bias=True)
+    x = torch.randn(2, 7, 8, requires_grad=True)
+    targets, weights = target_weights(torch.randint(0, 30, (2, 7)), torch.tensor([0, 5, 14]), "square")
+    head = ChunkedHead(layer, (("softcap", 3.0),), 4)
+    with head.capture(targets, weights):
+        got = head.loss(layer(x))
+    got.backward()
+    got_grads = [t.grad.clone() for t in (x, layer.weight, layer.bias)]
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    weighted_loss_sum(torch.tanh(layer(x) / 3.0) * 3.0, targets, weights).backward()
+    for g, t in zip(got_grads, (x, layer.weight, layer.bias)):
+        assert _rel(g, t.grad) <= 1e-6
+
+
+def test_lora_output_layer_merged_or_disabled():
+    """A merged adapter lives in the base weight; a disabled one does not count: as peft does."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["lm_head"]))
+    lm_head = model.get_base_model().lm_head
+    torch.nn.init.normal_(lm_head.lora_B["default"].weight)
+    lm_head.base_layer.weight.requires_grad_(True)  # something to differentiate when the adapter is off
+    batch = _batches(seed=6)[0]
+    with model.disable_adapter():
+        _assert_same(_loss_and_grads(model, batch, "token", CHUNK), _loss_and_grads(model, batch, "token", None))
+    model.merge_adapter()
+    assert lm_head.merged
+    _assert_same(_loss_and_grads(model, batch, "token", CHUNK), _loss_and_grads(model, batch, "token", None))

@@ -173,13 +173,20 @@ def memory_child(s: Settings, kind: str, tokens: int, device: str, dtype) -> dic
     small, _ = _batches([8, 8], cfg.vocab_size, device)
     _loss(model, small, _inputs(small, kind)).backward()
     model.zero_grad(set_to_none=True)
+    _, peak, exact, seconds = measure_peak(device, lambda: _loss(model, packed, inputs).backward())
+    return {"kind": kind, "tokens": tokens, "mb": peak / 2**20, "exact": exact, "seconds": seconds, "max_doc": max(lengths)}
+
+
+def measure_peak(device: str, fn):
+    """``fn()`` once: its result, the growth of peak memory over it in bytes, whether that is
+    exact (else a lower bound), and its seconds. Peak RSS on the CPU, allocated memory on CUDA."""
     before = memory_mark(device)
     t0 = time.perf_counter()
-    _loss(model, packed, inputs).backward()
+    out = fn()
     synchronize(device)
     seconds = time.perf_counter() - t0
     peak, exact = memory_peak(device, before)
-    return {"kind": kind, "tokens": tokens, "mb": peak / 2**20, "exact": exact, "seconds": seconds, "max_doc": max(lengths)}
+    return out, peak, exact, seconds
 
 
 def memory_mark(device: str) -> int:

@@ -148,7 +148,9 @@ def test_logits_are_computed_only_at_trained_positions(models):
     batch = collate_varlen([get_pack(samples, layout, p) for p in range(len(layout))])
     targets, weights = target_weights(batch.labels, batch.cu_seqlens, "token")
     seen = []
-    hook = varlen.lm_head.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    # What the output layer is handed (its input: the plain head projects it whole, the
+    # chunked head of packtune.loss_head chunk by chunk).
+    hook = varlen.lm_head.register_forward_pre_hook(lambda m, i: seen.append(i[0].shape))
     try:
         kept = forward_loss_sum(varlen, batch, targets, weights)
     finally:

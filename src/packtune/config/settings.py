@@ -26,6 +26,10 @@ LOSS_REDUCTIONS = ("token", "sample", "square")
 NONFINITE_LOSS_POLICIES = ("error", "skip")
 LORA_QUANTIZATION = (None, "4bit", "8bit")
 
+#: Default ``loss_chunk_size``: at a 151,936-token vocabulary a 1,024-token chunk is 0.6 GB of
+#: fp32 logits (4,096 would be 2.5 GB), and 1,024 rows keep the vocabulary product efficient.
+LOSS_CHUNK_SIZE = 1024
+
 #: Keys of the ``lora`` dict and their defaults; a config's ``lora`` is completed with these.
 LORA_DEFAULTS: dict[str, Any] = {
     "r": 8,
@@ -157,6 +161,8 @@ class Settings:
     max_norm: float = _f(1.0, 1, "gradient clipping norm")
     warmup_ratio: float = _f(0.03, 1, "share of the steps spent warming up the learning rate")
     loss_reduction: str = _f("token", SCHEDULE, "average the loss per token|sample|square")
+    loss_chunk_size: int | None = _f(
+        LOSS_CHUNK_SIZE, SCHEDULE, "loss head over chunks of this many trained tokens, logits never all at once (None = plain head)")
     on_nonfinite_loss: str = _f("error", SCHEDULE, "NaN/inf loss: error|skip the step")
     balance_attention: bool = _f(
         False, SCHEDULE, "several processes: deal each step's packs to ranks by attention cost (sum of squared doc lengths)")

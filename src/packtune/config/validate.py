@@ -264,6 +264,7 @@ CHECKS: dict[str, Check] = {
     "max_norm": NUMBER(0, low_open=True, example=1.0),
     "warmup_ratio": NUMBER(0, 1, example=0.03),
     "loss_reduction": CHOICE(S.LOSS_REDUCTIONS),
+    "loss_chunk_size": OPTIONAL(INT(1)),
     "on_nonfinite_loss": CHOICE(S.NONFINITE_LOSS_POLICIES),
     "balance_attention": BOOL,
     "save_steps": INT(1),

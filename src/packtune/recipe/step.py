@@ -10,6 +10,7 @@ rank or 2.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from packtune.loss import target_weights, weighted_loss_sum
+from packtune.loss_head import LOSS_CHUNK_SIZE, chunked_head
 from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
@@ -59,12 +61,19 @@ def _takes_mask(model_class: type) -> bool:
 
 
 def forward_loss_sum(
-    model: torch.nn.Module, batch: Batch, targets: torch.Tensor, weights: torch.Tensor, compute_dtype: torch.dtype = torch.float32
+    model: torch.nn.Module,
+    batch: Batch,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    compute_dtype: torch.dtype = torch.float32,
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE,
 ) -> torch.Tensor:
     """``sum(weight * cross_entropy)`` of one micro-batch (``target_weights`` of its labels).
 
     Logits are computed only where a target is trained (``logits_to_keep``): in chat data most
     tokens are prompt, and the vocabulary projection is the largest matmul of a small model.
+    With ``loss_chunk_size`` (and a head packtune knows, ``packtune.loss_head``) they are
+    computed ``loss_chunk_size`` positions at a time and never exist for all of them at once.
     """
     kwargs = {}
     if _takes_mask(type(transformers_model(model))):
@@ -75,8 +84,12 @@ def forward_loss_sum(
         kwargs["logits_to_keep"] = keep
         flat = keep.view(-1)
         targets, weights = targets[flat], weights[flat]
+    head = chunked_head(model, loss_chunk_size)
     with autocast_context(batch.input_ids.device, compute_dtype):
-        logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
+        with head.capture(targets, weights) if head else contextlib.nullcontext():
+            logits = model(**batch.model_inputs(), use_cache=False, **kwargs).logits
+    if head is not None:
+        return head.loss(logits)
     if logits.numel() != targets.numel() * logits.shape[-1]:
         raise RuntimeError(
             f"{type(transformers_model(model)).__name__} returned logits of shape {tuple(logits.shape)} for "
@@ -85,8 +98,10 @@ def forward_loss_sum(
     return weighted_loss_sum(logits, targets, weights)
 
 
-def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, compute_dtype: torch.dtype = torch.float32,
-                         sequence_parallel: SequenceParallel | None = None) -> StepResult:
+def accumulate_gradients(
+    engine, micro_batches: list[Batch], reduction: str, compute_dtype: torch.dtype = torch.float32,
+    loss_chunk_size: int | None = LOSS_CHUNK_SIZE, sequence_parallel: SequenceParallel | None = None,
+) -> StepResult:
     """Forward and backward every micro-batch of this rank for one step; no optimizer update.
 
     ``engine`` provides ``model``, ``world_size``, ``all_reduce_sum(tensor)``,
@@ -111,7 +126,7 @@ def accumulate_gradients(engine, micro_batches: list[Batch], reduction: str, com
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, (targets, weights)) in enumerate(zip(micro_batches, weighted)):
         with engine.accumulate(last=i == len(micro_batches) - 1):
-            part = forward_loss_sum(engine.model, mb, targets, weights, compute_dtype)
+            part = forward_loss_sum(engine.model, mb, targets, weights, compute_dtype, loss_chunk_size)
             # A step with nothing to train still runs backward (every rank must join the
             # gradient sync) but with a zero loss.
             scale = engine.world_size / total if total > 0 else 0.0

@@ -288,7 +288,8 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
             raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {env.rank} raises at step {step + 1}")
         slots = plan.micro_batches(step, dp_rank)
         batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
-        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, sequence_parallel=sp)
+        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, settings.loss_chunk_size,
+                                      sequence_parallel=sp)
         grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
         if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
             # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.

@@ -28,14 +28,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
 GOAL_PEAK_MB = 1536  # peak RSS at the largest size: 1.5 GB
-GOAL_FLAT = 1.10  # flat: the largest size's peak within 10% of the smallest's
-GOAL_TOKENS_PER_S = 650_000  # tokenization throughput measured before streaming (issue 12)
-GOAL_SPEED_RATIO = 0.95  # and no lower than the baseline's, side by side (5% for noise)
+# Flat: from the smallest size to the largest, the peak grows by a few per-sample int32 arrays
+# (lengths, the planning order, the plan) and the layout itself, nothing per token.
+GOAL_BYTES_PER_SAMPLE = 40
+# Tokenization no slower than before streaming: 650k tokens/s on 2 processes when issue 12
+# measured it; on a shared machine that figure moves with the load, so with a baseline the goal
+# is the side-by-side ratio (5% for noise), and 650k only without one.
+GOAL_TOKENS_PER_S = 650_000
+GOAL_SPEED_RATIO = 0.95
 
 # One build in a fresh process; runs against either code base (public API only).
 CHILD = r"""
@@ -194,59 +200,65 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(results: dict, sizes: list[int], baseline: Path | None, num_proc: int, seconds: float) -> str:
+    """The table: one row per figure, each size side by side, the baseline at the smallest."""
     ours = {size: results["ours"][size] for size in sizes}
-    first, last = ours[sizes[0]], ours[sizes[-1]]
-    checks = {r["checksum"] for r in first + results["baseline"]}
+    base = results["baseline"]
+    checks = {r["checksum"] for r in ours[sizes[0]] + base}
     if len(checks) != 1:
         raise AssertionError(f"the builds disagree (checksums {sorted(checks)}): no figure counts")
-    peak = {size: max(r["peak_mb"] for r in runs) for size, runs in ours.items()}
-    speed = {size: max(r["tokenize_tokens_per_s"] for r in runs) for size, runs in ours.items()}
+
+    def best(key: str, pick: Callable = max) -> dict[int, float]:
+        return {size: pick(r[key] for r in runs) for size, runs in ours.items()}
+
+    def across(values: dict[int, float], fmt: str) -> str:
+        return " / ".join(format(values[s], fmt) for s in sizes)
 
     def label(size: int) -> str:
         return f"{ours[size][0]['tokens'] / 1e6:.1f}M"
 
-    n_rows = " / ".join(f"{ours[s][0]['rows']:,}" for s in sizes)
+    small, large = sizes[0], sizes[-1]
+    peak, speed, workers, build_s = best("peak_mb"), best("tokenize_tokens_per_s"), best("workers_peak_mb"), \
+        best("build_s", min)
+    base_peak = max((r["peak_mb"] for r in base), default=0.0)
+    base_speed = max((r["tokenize_tokens_per_s"] for r in base), default=0.0)
+    base_workers = max((r["workers_peak_mb"] for r in base), default=0.0)
+    base_build = min((r["build_s"] for r in base), default=0.0)
+    at_small = f" at {label(small)}"
+    samples = {size: runs[0]["samples"] for size, runs in ours.items()}
+    per_sample = (peak[large] - peak[small]) * 2**20 / max(1, samples[large] - samples[small])
+    ok_peak = peak[large] <= GOAL_PEAK_MB and per_sample <= GOAL_BYTES_PER_SAMPLE
+    sratio = speed[small] / base_speed if base_speed else None
+    ok_speed = speed[small] >= GOAL_TOKENS_PER_S if sratio is None else sratio >= GOAL_SPEED_RATIO
+    speed_goal = f">= {GOAL_TOKENS_PER_S:,} tokens/s" if sratio is None else f">= {GOAL_SPEED_RATIO}x the baseline"
     what = (f"alpaca-style rows (../shared alpaca_en_demo, perturbed), Mistral tokenizer, `default` template, "
-            f"bfd max_length 2048, {num_proc} processes: {' / '.join(label(s) for s in sizes)} tokens ({n_rows} rows)")
-    rows = ["| Benchmark | packtune | Baseline | Ratio | Goal | Result |", "|---|---|---|---|---|---|"]
-    flat = peak[sizes[-1]] / peak[sizes[0]]
-    ok_peak = peak[sizes[-1]] <= GOAL_PEAK_MB and flat <= GOAL_FLAT
-    base_peak = max((r["peak_mb"] for r in results["baseline"]), default=None)
-    base_text = f"{base_peak:,.0f} MB at {label(sizes[0])} (`{baseline}`)" if base_peak else "-"
-    ratio = f"**{base_peak / peak[sizes[0]]:.1f}x** less at {label(sizes[0])}" if base_peak else "-"
-    rows.append(f"| peak RSS of building the data cache (tokenize + pack); {what} | "
-                f"{' / '.join(f'{peak[s]:,.0f}' for s in sizes)} MB; {label(sizes[-1])} / {label(sizes[0])}: "
-                f"{flat:.2f}x | {base_text} | {ratio} | <= {GOAL_PEAK_MB:,} MB at the largest, flat (<= {GOAL_FLAT}x "
-                f"the smallest) | {'PASS' if ok_peak else 'FAIL'} |")
-    workers = {size: max(r["workers_peak_mb"] for r in runs) for size, runs in ours.items()}
-    base_workers = max((r["workers_peak_mb"] for r in results["baseline"]), default=None)
-    rows.append(f"| peak RSS of each tokenizing worker (forked: mostly pages shared with the main process) | "
-                f"{' / '.join(f'{workers[s]:,.0f}' for s in sizes)} MB | "
-                f"{f'{base_workers:,.0f} MB' if base_workers else '-'} | - | - | info |")
-    base_speed = max((r["tokenize_tokens_per_s"] for r in results["baseline"]), default=None)
-    sratio = speed[sizes[0]] / base_speed if base_speed else None
-    ok_speed = speed[sizes[0]] >= GOAL_TOKENS_PER_S and (sratio is None or sratio >= GOAL_SPEED_RATIO)
-    rows.append(f"| tokenization throughput (rows read, tokenized, written), same runs | "
-                f"{' / '.join(f'{speed[s] / 1e3:,.0f}k' for s in sizes)} tokens/s | "
-                f"{f'{base_speed / 1e3:,.0f}k tokens/s at {label(sizes[0])}' if base_speed else '-'} | "
-                f"{f'**{sratio:.2f}x**' if sratio else '-'} | >= {GOAL_TOKENS_PER_S / 1e3:.0f}k tokens/s and >= "
-                f"{GOAL_SPEED_RATIO}x the baseline | {'PASS' if ok_speed else 'FAIL'} |")
-    build_s = {size: min(r["build_s"] for r in runs) for size, runs in ours.items()}
-    base_build = min((r["build_s"] for r in results["baseline"]), default=None)
-    rows.append(f"| whole build (file digest, tokenize, plan the packs, write the cache) | "
-                f"{' / '.join(f'{build_s[s]:,.0f}' for s in sizes)} s | "
-                f"{f'{base_build:,.0f} s at {label(sizes[0])}' if base_build else '-'} | - | - | info |")
-    grown = (peak[sizes[-1]] - peak[sizes[0]]) * 2**20 / max(1, last[0]["samples"] - first[0]["samples"])
-    rows.append(f"| peak RSS growth per sample, {label(sizes[0])} to {label(sizes[-1])} | {grown:.0f} bytes "
-                f"| - | - | - | info |")
-    passed = ok_peak + ok_speed
+            f"bfd max_length 2048, {num_proc} processes: {' / '.join(label(s) for s in sizes)} tokens "
+            f"({' / '.join(f'{samples[s]:,}' for s in sizes)} samples)")
+    rows = [
+        "| Benchmark | packtune | Baseline | Ratio | Goal | Result |",
+        "|---|---|---|---|---|---|",
+        f"| peak RSS of building the data cache (tokenize + pack); {what} | {across(peak, ',.0f')} MB "
+        f"({peak[large] / peak[small]:.2f}x from {label(small)} to {label(large)}: {per_sample:.0f} bytes a sample) "
+        f"| {f'{base_peak:,.0f} MB{at_small}' if base else '-'} "
+        f"| {f'**{base_peak / peak[small]:.1f}x** less{at_small}' if base else '-'} "
+        f"| <= {GOAL_PEAK_MB:,} MB at {label(large)}; flat: <= {GOAL_BYTES_PER_SAMPLE} bytes a sample, none a token "
+        f"| {'PASS' if ok_peak else 'FAIL'} |",
+        f"| tokenization throughput (rows read, tokenized, written), same runs | {across(speed, ',.0f')} tokens/s "
+        f"| {f'{base_speed:,.0f} tokens/s{at_small}' if base else '-'} | {f'**{sratio:.2f}x**' if sratio else '-'} "
+        f"| {speed_goal} | {'PASS' if ok_speed else 'FAIL'} |",
+        f"| whole build (file digest, tokenize, plan the packs, write the cache) | {across(build_s, ',.0f')} s "
+        f"| {f'{base_build:,.0f} s{at_small}' if base else '-'} | - | - | info |",
+        f"| peak RSS of each tokenizing worker (forked: mostly pages shared with the main process) "
+        f"| {across(workers, ',.0f')} MB | {f'{base_workers:,.0f} MB' if base else '-'} | - | - | info |",
+    ]
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    baseline_text = f"the baseline is the code in `{baseline}`, " if baseline else ""
     return "\n".join(rows) + (
-        f"\n\nGoals met: {passed}/2. Measured on {machine()}; load average {load()} (1/5/15 min) at the end of the "
-        f"run (the machine is shared: throughput figures move with the load); {date}; whole run {seconds:.0f} s. "
-        f"Peak RSS is each build's own (`VmHWM`, a fresh process per build, after importing transformers and "
-        f"loading the tokenizer: {first[0]['base_mb']:,.0f} MB); the smallest size ran {len(first)} times, taking "
-        f"turns with the baseline, and shows the best of each. Reproduce with `python benchmarks/bench_data.py`.")
+        f"\n\nGoals met: {ok_peak + ok_speed}/2. Measured on {machine()}; load average {load()} (1/5/15 min) at the "
+        f"end of the run (the machine is shared: throughput moves with the load); {date}; whole run {seconds:.0f} s. "
+        f"Peak RSS is each build's own (`VmHWM`, a fresh process per build; {ours[small][0]['base_mb']:,.0f} MB of it "
+        f"before the build: Python, transformers and the tokenizer); {baseline_text}{label(small)} ran "
+        f"{len(ours[small])} times, taking turns with the baseline, and shows the best of each. Reproduce with "
+        f"`python benchmarks/bench_data.py`.")
 
 
 if __name__ == "__main__":

@@ -194,14 +194,7 @@ def layout_packs(
     # are only read in pieces. The planning order is applied at the end.
     lengths = sample_lengths(samples.offsets)
     keep = np.ones(n, dtype=bool)
-
-    def drop(mask: np.ndarray, reason: str) -> None:
-        count = int((mask & keep).sum())
-        if count:
-            report.dropped[reason] = report.dropped.get(reason, 0) + count
-        keep[mask] = False
-
-    drop(lengths == 0, "empty")
+    _drop(report, keep, lengths == 0, "empty")
     if strategy == "concat":
         sel = idx[keep[idx]]
         starts = gather(samples.offsets, sel)
@@ -215,17 +208,17 @@ def layout_packs(
         if overflow == "drop":
             mask = np.zeros(n, dtype=bool)
             mask[over] = True
-            drop(mask, "too_long")
+            _drop(report, keep, mask, "too_long")
         else:
             lengths[over] = max_length
     # Trained labels after each document's first token (that one is masked in its pack).
     trained = trained_after_first(samples.labels, samples.offsets, lengths)
-    drop(trained == 0, "no_trainable_token")
+    _drop(report, keep, trained == 0, "no_trainable_token")
     report.trained_tokens = int(trained.sum(where=keep, dtype=np.int64))
     del trained
     # Counted among the kept samples: one cut and then dropped counts as dropped only.
-    report.truncated = int(keep[over].sum()) if overflow == "truncate" else 0
-    report.truncated_tokens = int(excess[keep[over]].sum()) if overflow == "truncate" else 0
+    report.truncated = int(keep[over].sum())
+    report.truncated_tokens = int(excess[keep[over]].sum())
     sel = idx[keep[idx]]  # the kept samples, in planning order
     del keep
     doc_len = lengths[sel]
@@ -237,11 +230,20 @@ def layout_packs(
         sel, doc_len = sel[plan], doc_len[plan]
         del plan
     doc_start = gather(samples.offsets, sel)
+    del sel
     layout = PackLayout(doc_start, doc_start + doc_len, offsets, max_length)
-    report.documents = report.packed = int(sel.size)
+    report.documents = report.packed = int(doc_len.size)
     report.packs = len(layout)
     report.tokens = int(doc_len.sum(dtype=np.int64))
     return layout, report
+
+
+def _drop(report: PackingReport, keep: np.ndarray, mask: np.ndarray, reason: str) -> None:
+    """Drop the kept samples in ``mask``, counting them under ``reason``."""
+    count = int((mask & keep).sum())
+    if count:
+        report.dropped[reason] = report.dropped.get(reason, 0) + count
+    keep[mask] = False
 
 
 def _permutation(order: np.ndarray | None, n: int) -> np.ndarray:

@@ -431,3 +431,15 @@ def test_packing_a_mapped_dataset_holds_no_token_sized_array(tmp_path):
     # Every sample: 256 tokens, the last 128 trained; 8 samples fill a pack exactly.
     assert out["bfd"] == out["concat"] == [n_tokens // 2, n_tokens // 2048, True]
     assert out["grew_mb"] < 64, out
+
+
+def test_pages_of_a_writable_mapping_are_never_dropped(tmp_path):
+    """Only read-only mappings have their pages released: a copy-on-write mapping keeps its
+    changes through a pass over it."""
+    np.save(tmp_path / "x.npy", np.arange(10, dtype=np.int32))
+    changed = np.load(tmp_path / "x.npy", mmap_mode="c")
+    changed[3] = -100
+    assert [a for a, _ in chunks_mod.iter_chunks(changed, 4)] == [0, 4, 8]
+    assert changed[3] == -100 and chunks_mod.trained_before(changed, np.array([10]))[0] == 9
+    read_only = np.load(tmp_path / "x.npy", mmap_mode="r")
+    assert chunks_mod._mapping(read_only) is not None and chunks_mod._mapping(changed) is None

@@ -26,7 +26,11 @@ CHUNK_TOKENS = 1 << 20
 
 
 def _mapping(arr: np.ndarray) -> mmap.mmap | None:
-    """The ``mmap`` under ``arr`` (a memory-mapped file or a view of one), else ``None``."""
+    """The ``mmap`` under a read-only ``arr`` (a file mapped read-only, or a view of one), else
+    ``None``. A writable mapping is left alone: dropping the pages of a copy-on-write mapping
+    would drop its changes."""
+    if getattr(arr, "flags", None) is None or arr.flags.writeable:
+        return None
     base = arr
     while base is not None and not isinstance(base, mmap.mmap):
         base = getattr(base, "base", None)

@@ -135,6 +135,7 @@ class Settings:
         "part": 1, "doc": "HF dataset id, local path(s), or packtune://NAME (required)"})
     dataset_format: str = _f("auto", 1, "auto|alpaca|sharegpt|messages|oasst1|text")
     dataset_split: str = _f("train", DATASET, "split to train on")
+    dataset_streaming: bool = _f(False, DATASET, "read a hub dataset as a stream (no full download first)")
     max_samples: int | None = _f(None, DATASET, "use only the first N rows (None = all)")
     prompt_template: str = _f("auto", 1, "chat format the samples are rendered in")
     system_prompt: str | None = _f(None, 1, "system prompt for training samples and evaluation")

@@ -241,6 +241,7 @@ CHECKS: dict[str, Check] = {
                      "tatsu-lab/alpaca", _dataset),
     "dataset_format": CHOICE(S.DATASET_FORMATS),
     "dataset_split": TEXT,
+    "dataset_streaming": BOOL,
     "max_samples": OPTIONAL(INT(1)),
     "prompt_template": CHOICE(S.PROMPT_TEMPLATES),
     "system_prompt": Check("None or a string", None, _any_str),

@@ -14,6 +14,7 @@ samples share a pack); ``epoch_order(epoch)`` re-orders the packs every epoch.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,10 +25,11 @@ from packtune.data.errors import DataError
 from packtune.data.formats import check_format_name, detect_format
 from packtune.data.options import PACK_STRATEGIES, DataOptions
 from packtune.data.report import DataReport
-from packtune.data.sources import LocalFile, Part, iter_batches, resolve
+from packtune.data.sources import LocalFile, Part, entry_name, iter_batches, resolve
 from packtune.data.templates import Template, check_template_name, get_template
 from packtune.data.tokenize import Encoder, tokenize_batches
 from packtune.data.tokenizer import tokenizer_fingerprint, tokenizer_info
+from packtune.packing.chunks import sample_lengths
 from packtune.packing.packs import OVERFLOW, PackLayout, TokenizedSamples, get_pack, layout_packs
 
 TOK_ARRAYS = ("input_ids", "labels", "offsets", "row_ids")
@@ -106,9 +108,9 @@ def _formats(parts: list[Part], fmt: str) -> list[str]:
     return out
 
 
-def _describe(dataset: str | list[str], split: str) -> str:
-    names = [dataset] if isinstance(dataset, str) else list(dataset)
-    return ", ".join(names) + (f" [{split}]" if split != "train" else "")
+def _describe(dataset: Any, split: str) -> str:
+    names = [dataset] if isinstance(dataset, str) or not isinstance(dataset, (list, tuple)) else list(dataset)
+    return ", ".join(map(entry_name, names)) + (f" [{split}]" if split != "train" else "")
 
 
 def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
@@ -123,42 +125,34 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     cache = DataCache(options.data_cache_dir)
-    parts = resolve(options.dataset, options.dataset_split)
+    parts = resolve(options.dataset, options.dataset_split, streaming=options.dataset_streaming)
     try:
         template = get_template(options.prompt_template, tokenizer)
     except ValueError as exc:
         raise DataError(str(exc)) from None
     tok_fp = tokenizer_fingerprint(tokenizer)
     data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
-    tok_key = cache_key({
+    if None in data_fp:
+        warnings.warn("a dataset object cannot be fingerprinted (see packtune.data.sources.dataset_fingerprint), "
+                      "so its tokenized data is not cached: every run tokenizes it again", stacklevel=2)
+    tok_key = None if None in data_fp else cache_key({
         "data": data_fp, "tokenizer": tok_fp, "format": options.dataset_format, "template": template.name,
         "stop": list(template.stop), "system_prompt": options.system_prompt,
         "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
         "max_samples": options.max_samples,
     })
-    hit = cache.load("tok", tok_key, TOK_ARRAYS)
+    hit = cache.load("tok", tok_key, TOK_ARRAYS) if tok_key is not None else None
+    tok_hit = hit is not None
     if hit is None:
-        formats = _formats(parts, options.dataset_format)
-        encoder = Encoder(tokenizer, template, options.system_prompt, options.train_on_reasoning)
-        batches = iter_batches(parts, formats, options.dataset_split, options.max_samples, BATCH_SIZE)
-        res = tokenize_batches(encoder, batches, options.num_proc, options.on_bad_row)
-        arrays = {"input_ids": res.samples.input_ids, "labels": res.samples.labels,
-                  "offsets": res.samples.offsets, "row_ids": res.row_ids}
-        tok_meta = {"read": res.read, "skipped": res.skipped, "examples": res.examples, "formats": res.formats,
-                    "seconds": res.seconds, "tokens_per_s": res.tokens_per_s, "num_proc": res.num_proc,
-                    "template": template.name}
-        cache.save("tok", tok_key, arrays, tok_meta)
-        tok_hit = False
-    else:
-        arrays, tok_meta = hit
-        tok_hit = True
+        hit = _tokenize(cache, tok_key, parts, options, tokenizer, template)
+    arrays, tok_meta = hit
     samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
     row_ids = arrays["row_ids"]
     fmts = [f for f, n in tok_meta["formats"].items() if n]
     strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
     pack_key = cache_key({"tokenized": tok_key, "max_length": options.max_length, "strategy": strategy,
                           "overflow": options.overflow, "shuffle": options.shuffle_before_pack, "seed": options.seed})
-    hit = cache.load("pack", pack_key, PACK_ARRAYS)
+    hit = cache.load("pack", pack_key, PACK_ARRAYS) if tok_key is not None else None
     if hit is None:
         layout, report = _pack(samples, row_ids, options, strategy)
         report.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
@@ -172,8 +166,9 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
         report.tokenize_tokens_per_s = round(tok_meta["tokens_per_s"], 1)
         report.num_proc = tok_meta["num_proc"]
         report.check()
-        cache.save("pack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
-                                      "pack_offsets": layout.pack_offsets}, report.as_dict())
+        if tok_key is not None:
+            cache.save("pack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
+                                          "pack_offsets": layout.pack_offsets}, report.as_dict())
         pack_hit = False
     else:
         pack_arrays, meta = hit
@@ -189,25 +184,54 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
                          tokenizer_info=tokenizer_info(tokenizer), template=template.name)
 
 
+def _tokenize(cache: DataCache, key: str | None, parts: list[Part], options: DataOptions, tokenizer: Any,
+              template: Template) -> tuple[dict[str, np.ndarray], dict]:
+    """Tokenize every row straight into a new cache entry (streamed batch by batch, see
+    ``tokenize_batches``); its arrays, memory-mapped, and meta. A failure or an interrupt
+    leaves no entry behind."""
+    formats = _formats(parts, options.dataset_format)
+    encoder = Encoder(tokenizer, template, options.system_prompt, options.train_on_reasoning)
+    batches = iter_batches(parts, formats, options.dataset_split, options.max_samples, BATCH_SIZE)
+    tmp = cache.begin("tok", key)
+    try:
+        res = tokenize_batches(encoder, batches, options.num_proc, options.on_bad_row, out_dir=tmp)
+        meta = {"read": res.read, "skipped": res.skipped, "examples": res.examples, "formats": res.formats,
+                "seconds": res.seconds, "tokens_per_s": res.tokens_per_s, "num_proc": res.num_proc,
+                "template": template.name}
+        del res  # unmap the files before their folder is renamed
+        entry = cache.commit(tmp, "tok", key, meta)
+    except BaseException:
+        cache.discard(tmp)
+        raise
+    hit = cache.load_folder(entry, TOK_ARRAYS)
+    cache.release(entry)
+    if hit is None:
+        raise DataError(f"the tokenized data just written to {entry} cannot be read back")
+    return hit
+
+
 def _pack(samples: TokenizedSamples, row_ids: np.ndarray, options: DataOptions,
           strategy: str) -> tuple[PackLayout, DataReport]:
-    lengths = samples.lengths()
+    lengths = sample_lengths(samples.offsets)  # int32: 4 bytes a sample
     if options.overflow == "error" and strategy != "concat" and lengths.size and lengths.max() > options.max_length:
         i = int(np.argmax(lengths > options.max_length))
         raise DataError(f"row {int(row_ids[i])} (0-based) has {int(lengths[i])} tokens, more than max_length="
                         f"{options.max_length} (overflow = 'error'); use overflow = 'truncate' or 'drop'")
-    order = np.random.default_rng(options.seed).permutation(len(samples)) if options.shuffle_before_pack else None
+    stats = (int(lengths.min()), round(float(lengths.mean()), 2), int(lengths.max())) if lengths.size else (0, 0.0, 0)
+    total = int(lengths.sum(dtype=np.int64))
+    del lengths
+    order = None
+    if options.shuffle_before_pack:
+        order = np.random.default_rng(options.seed).permutation(len(samples))
+        order = order.astype(np.int32 if order.size < 2**31 else np.int64)  # 4 bytes a sample
     layout, pr = layout_packs(samples, options.max_length, strategy, options.overflow, order)
-    total = int(lengths.sum())
     report = DataReport(
         kept=len(samples), tokens=total, trained_tokens=pr.trained_tokens, truncated=pr.truncated,
         truncated_tokens=pr.truncated_tokens, dropped=dict(pr.dropped), packed=pr.packed, documents=pr.documents,
         packs=pr.packs, packed_tokens=pr.tokens, max_length=options.max_length, strategy=strategy,
         utilization=round(pr.utilization, 6), docs_per_pack=round(pr.docs_per_pack, 4),
         min_packs=-(-pr.tokens // options.max_length),
-        length_min=int(lengths.min()) if lengths.size else 0,
-        length_mean=round(float(lengths.mean()), 2) if lengths.size else 0.0,
-        length_max=int(lengths.max()) if lengths.size else 0,
+        length_min=stats[0], length_mean=stats[1], length_max=stats[2],
     )
     return layout, report
 

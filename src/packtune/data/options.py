@@ -26,12 +26,15 @@ class DataOptions:
     own. ``train_on_reasoning=False``: the replies' reasoning (``<think>...</think>``, or a
     ``reasoning_content`` field) is context instead of trained. ``pack_to_max_length=False``: one sample per row (layout strategy ``"none"``).
     ``num_proc=None``: as many worker processes as CPUs (at most 8). ``data_cache_dir=None``:
-    ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``.
+    ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``. ``dataset_streaming=True``: hub datasets
+    are read as ``datasets`` streams (``IterableDataset``), never downloaded or held whole;
+    from Python, ``dataset`` may also be a ``datasets.Dataset`` or ``IterableDataset``.
     """
 
-    dataset: str | list[str]
+    dataset: str | list[str] | Any
     dataset_format: str = "auto"
     dataset_split: str = "train"
+    dataset_streaming: bool = False
     max_samples: int | None = None
     prompt_template: str = "auto"
     system_prompt: str | None = None

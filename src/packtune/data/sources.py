@@ -6,7 +6,11 @@
   (one sample per non-blank line), optionally gzipped (``.gz``); a directory (its files of
   those kinds, sorted); or a glob pattern (``data/*.jsonl``);
 * ``packtune://NAME``: the file ``NAME`` shipped in ``packtune/assets``;
-* anything else: a Hugging Face dataset id, loaded with ``datasets.load_dataset(id, split=...)``.
+* anything else: a Hugging Face dataset id, loaded with ``datasets.load_dataset(id, split=...)``,
+  or with ``streaming=True`` under ``dataset_streaming = True``: the rows then arrive as
+  tokenization asks for them, and nothing is downloaded or materialised first;
+* from Python, a ``datasets.Dataset`` or ``datasets.IterableDataset`` object (the split is
+  the object's own: ``dataset_split`` must stay ``"train"``).
 
 Rows are never all held as Python objects: files are read as streams and handed on in
 batches (``RawBatch``); JSON Lines are even parsed later, by the tokenizing workers. A line
@@ -155,10 +159,40 @@ class LocalFile(Part):
             pos += len(rows)
 
 
+def dataset_fingerprint(ds: Any) -> str | None:
+    """What ``datasets`` identifies a dataset by, or ``None`` when it cannot be hashed.
+
+    A ``Dataset``'s own fingerprint; for an ``IterableDataset``, the hash of its source of
+    examples, as ``datasets`` hashes it for its own cache: the files (on the hub, with their
+    revision) or the generator's code and arguments, with every ``map``/``filter``/``shuffle``
+    on them. A local file changed in place under the same name keeps its hash: read local
+    files by path (content-hashed) rather than through ``datasets``.
+    """
+    fp = getattr(ds, "_fingerprint", None)
+    if fp is not None:
+        return str(fp)
+    try:
+        from datasets.fingerprint import Hasher
+        from datasets.iterable_dataset import _BaseExamplesIterable
+
+        def source(obj: Any) -> Any:
+            # Iterating moves each examples iterable's _state_dict (where to resume): not content.
+            if isinstance(obj, _BaseExamplesIterable):
+                return type(obj).__qualname__, {k: source(v) for k, v in vars(obj).items() if k != "_state_dict"}
+            return [source(v) for v in obj] if isinstance(obj, (list, tuple)) else obj
+
+        return Hasher.hash(source(ds._ex_iterable))
+    except Exception:  # noqa: BLE001 - not picklable (a generator holding an open file, ...): not cacheable
+        return None
+
+
 @dataclass
 class HubDataset(Part):
+    """A dataset on the Hugging Face hub (or in its local cache), streamed when ``streaming``."""
+
     dataset_id: str
     split: str
+    streaming: bool = False
     _ds: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -171,7 +205,7 @@ class HubDataset(Part):
             except ImportError as exc:  # pragma: no cover - datasets is a dependency
                 raise DataError("loading a hub dataset needs the 'datasets' package: pip install datasets") from exc
             try:
-                ds = datasets.load_dataset(self.dataset_id, split=self.split)
+                ds = datasets.load_dataset(self.dataset_id, split=self.split, streaming=self.streaming)
             except Exception as exc:  # not found, offline, bad split: all end here
                 raise DataError(f"dataset {self.dataset_id!r} (split {self.split!r}) is not a local file and "
                                 f"could not be loaded from the hub: {type(exc).__name__}: {exc}") from exc
@@ -180,12 +214,9 @@ class HubDataset(Part):
             self._ds = ds
         return self._ds
 
-    def fingerprint(self, digest: Any = None) -> str:
-        ds = self.dataset()
-        fp = getattr(ds, "_fingerprint", None)
-        if fp is None:  # an iterable dataset: identify it by id and split
-            fp = hashlib.sha256(repr((self.dataset_id, self.split)).encode()).hexdigest()
-        return f"hub:{self.dataset_id}:{self.split}:{fp}"
+    def fingerprint(self, digest: Any = None) -> str | None:
+        fp = dataset_fingerprint(self.dataset())
+        return None if fp is None else f"hub:{self.dataset_id}:{self.split}:{fp}"
 
     def head(self, n: int = DETECT_ROWS) -> list[Any]:
         for _, rows, _ in self.chunks(n):
@@ -199,6 +230,34 @@ class HubDataset(Part):
             rows = [dict(zip(names, values)) for values in zip(*(cols[k] for k in names))]
             yield list(range(pos, pos + len(rows))), rows, False
             pos += len(rows)
+
+
+@dataclass
+class DatasetObject(HubDataset):
+    """A ``datasets.Dataset`` or ``IterableDataset`` given as it is (from Python)."""
+
+    def fingerprint(self, digest: Any = None) -> str | None:
+        fp = dataset_fingerprint(self._ds)
+        return None if fp is None else f"object:{type(self._ds).__name__}:{fp}"
+
+
+def _is_datasets_object(entry: Any) -> bool:
+    if isinstance(entry, str):
+        return False
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return False
+    return isinstance(entry, (datasets.Dataset, datasets.IterableDataset))
+
+
+def entry_name(entry: Any) -> str:
+    """How a ``dataset`` entry is named in reports: itself, or a dataset object's kind and name."""
+    if isinstance(entry, str):
+        return entry
+    info = getattr(entry, "info", None)
+    name = getattr(info, "dataset_name", None)
+    return f"{type(entry).__name__}({name})" if name else type(entry).__name__
 
 
 def _batched(numbered: Iterator[tuple[int, Any]], size: int,
@@ -285,18 +344,31 @@ def _iter_json_array(path: Path, chunk: int = 1 << 20) -> Iterator[tuple[int, An
             pos = end
 
 
-def resolve(dataset: str | list[str], split: str = "train") -> list[Part]:
-    """The parts of ``dataset`` (see the module docstring), in order.
+def resolve(dataset: Any, split: str = "train", streaming: bool = False) -> list[Part]:
+    """The parts of ``dataset`` (see the module docstring), in order; ``streaming`` reads hub
+    datasets as streams.
 
     Raises ``DataError`` for a local path that does not exist, a directory with no data
-    file, or an unsupported file type.
+    file, an unsupported file type, or an entry that is neither a string nor a dataset.
     """
-    entries = [dataset] if isinstance(dataset, str) else list(dataset)
+    if isinstance(dataset, str) or _is_datasets_object(dataset):
+        entries = [dataset]
+    else:
+        entries = list(dataset)
     if not entries:
         raise DataError("no dataset given")
     parts: list[Part] = []
-    name, _, _ = parse_split(split)
+    name, lo, hi = parse_split(split)
     for entry in entries:
+        if not isinstance(entry, str):
+            if not _is_datasets_object(entry):
+                raise DataError(f"a dataset entry is a path, a hub id or a datasets.Dataset/IterableDataset, "
+                                f"not {type(entry).__name__}")
+            if (name, lo, hi) != ("train", None, None):
+                raise DataError(f"dataset_split {split!r} does not apply to a {type(entry).__name__} object, which "
+                                "is one split already; slice it first (.select, .take) and leave dataset_split")
+            parts.append(DatasetObject(entry_name(entry), split, _ds=entry))
+            continue
         if entry.startswith(BUNDLED_SCHEME):
             asset = entry[len(BUNDLED_SCHEME):].strip("/")
             path = assets_dir() / asset
@@ -321,7 +393,7 @@ def resolve(dataset: str | list[str], split: str = "train") -> list[Part]:
         elif _kind(path) or entry.startswith((".", "/", "~")) or os.sep in entry.strip("/").replace("/", "", 1):
             raise DataError(f"{entry}: no such file or directory")
         else:
-            parts.append(HubDataset(entry, split))
+            parts.append(HubDataset(entry, split, streaming))
     if any(isinstance(p, LocalFile) for p in parts) and name != "train":
         raise DataError(f"local files have only the split 'train' (optionally sliced, train[A:B]), not {split!r}")
     return parts

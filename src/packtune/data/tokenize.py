@@ -8,8 +8,10 @@ its last character lies in a trainable segment (``label_tokens``). This needs a 
 
 Batches are tokenized with the fast tokenizer's batch encoder (itself multi-threaded) and,
 when there is more than one batch and ``num_proc`` allows, in worker processes, a few
-batches in flight at a time so memory stays bounded. The result is three flat arrays
-(ids, labels, offsets), never a list of lists.
+batches in flight at a time so memory stays bounded. Each batch's arrays are appended to
+``.npy`` files on disk as they arrive (``tokenize_batches``): the result is flat arrays
+(ids, labels, offsets) mapped from those files, never a list of lists nor one concatenation
+in memory, so a billion tokens are tokenized in the memory of a few batches.
 
 >>> from packtune.data.tokenizer import load_tokenizer      # doctest: +SKIP
 >>> tok = load_tokenizer("packtune://mistral-v1")           # doctest: +SKIP
@@ -21,18 +23,23 @@ batches in flight at a time so memory stays bounded. The result is three flat ar
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from packtune.data.cache import NpyAppender
 from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.sources import RawBatch, parse_json_line
@@ -44,6 +51,8 @@ from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 MAX_WORKERS = 8
 #: Fewer batches than this are tokenized in this process (starting workers would cost more).
 POOL_MIN_BATCHES = 4
+#: The files ``tokenize_batches`` writes, and their dtypes.
+SAMPLE_ARRAYS = {"input_ids": np.int32, "labels": np.int32, "offsets": np.int64, "row_ids": np.int64}
 
 
 @dataclass
@@ -277,40 +286,54 @@ def _run(encoder: Encoder, batches: Iterator[RawBatch], num_proc: int,
 
 
 def tokenize_batches(encoder: Encoder, batches: Iterator[RawBatch], num_proc: int | None = None,
-                     on_bad_row: str = "skip") -> TokenizeResult:
+                     on_bad_row: str = "skip", out_dir: str | Path | None = None) -> TokenizeResult:
     """Tokenize all batches into one ``TokenizeResult``.
 
-    ``on_bad_row="error"`` raises ``DataError`` naming the first bad row (file and line);
-    ``"skip"`` counts it under its reason.
+    Every batch is appended, as it arrives, to ``input_ids.npy``, ``labels.npy``,
+    ``offsets.npy`` and ``row_ids.npy`` in ``out_dir`` (``SAMPLE_ARRAYS``), and the result
+    maps those files: memory holds the batches in flight, not the dataset. Without
+    ``out_dir`` the files go to a temporary folder and the result is read into memory (for
+    small data). ``on_bad_row="error"`` raises ``DataError`` naming the first bad row (file
+    and line); ``"skip"`` counts it under its reason.
     """
     if on_bad_row not in ("skip", "error"):
         raise ValueError(f"unknown on_bad_row {on_bad_row!r}; choose one of skip, error")
     n_proc = resolve_num_proc(num_proc)
     t0 = time.perf_counter()
-    ids, labels, lengths, row_ids = [], [], [], []
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="packtune-tok-"))
     skipped: dict[str, int] = {}
     examples: dict[str, str] = {}
     formats: dict[str, int] = {}
     read = 0
     used: list[int] = []
-    for batch, enc in _run(encoder, batches, n_proc, used):
-        if enc.bad and on_bad_row == "error":
-            i, reason, detail = enc.bad[0]
-            raise DataError(f"{batch.location(i)}: bad row ({reason}: {detail}); "
-                            "set on_bad_row = 'skip' to skip and count such rows")
-        for i, reason, detail in enc.bad:
-            skipped[reason] = skipped.get(reason, 0) + 1
-            examples.setdefault(reason, f"{batch.location(i)}: {detail}")
-        formats[enc.fmt] = formats.get(enc.fmt, 0) + enc.rows
-        read += enc.rows
-        ids.append(enc.input_ids)
-        labels.append(enc.labels)
-        lengths.append(enc.lengths)
-        row_ids.append(enc.row_ids)
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt, copy=False) if xs else np.zeros(0, dt)  # noqa: E731
-    lens = cat(lengths, np.int64)
-    offsets = np.zeros(lens.size + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    samples = TokenizedSamples(cat(ids, np.int32), cat(labels, np.int32), offsets)
-    return TokenizeResult(samples, cat(row_ids, np.int64), read, skipped, examples, formats,
+    try:
+        with contextlib.ExitStack() as stack:
+            files = {name: stack.enter_context(contextlib.closing(NpyAppender(folder / f"{name}.npy", dtype)))
+                     for name, dtype in SAMPLE_ARRAYS.items()}
+            # closing(): an error mid-way stops the worker pool now, not when the traceback dies.
+            results = stack.enter_context(contextlib.closing(_run(encoder, batches, n_proc, used)))
+            files["offsets"].append(np.zeros(1, np.int64))
+            total = 0
+            for batch, enc in results:
+                if enc.bad and on_bad_row == "error":
+                    i, reason, detail = enc.bad[0]
+                    raise DataError(f"{batch.location(i)}: bad row ({reason}: {detail}); "
+                                    "set on_bad_row = 'skip' to skip and count such rows")
+                for i, reason, detail in enc.bad:
+                    skipped[reason] = skipped.get(reason, 0) + 1
+                    examples.setdefault(reason, f"{batch.location(i)}: {detail}")
+                formats[enc.fmt] = formats.get(enc.fmt, 0) + enc.rows
+                read += enc.rows
+                files["input_ids"].append(enc.input_ids)
+                files["labels"].append(enc.labels)
+                files["offsets"].append(total + np.cumsum(enc.lengths, dtype=np.int64))
+                files["row_ids"].append(enc.row_ids)
+                total += int(enc.lengths.sum())
+        mode = "r" if out_dir is not None else None
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode=mode) for name in SAMPLE_ARRAYS}
+    finally:
+        if out_dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
+    return TokenizeResult(samples, arrays["row_ids"], read, skipped, examples, formats,
                           time.perf_counter() - t0, used[0] if used else 1)

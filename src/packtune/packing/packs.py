@@ -6,6 +6,10 @@ million samples fit in memory: ``input_ids`` and ``labels`` of every sample end 
 to learn at that position, or ``-100`` (``IGNORE_INDEX``) where nothing is learned (prompt,
 system, tool results, padding).
 
+The arrays may be memory-mapped files bigger than memory: ``layout_packs`` reads them in
+pieces (``packing.chunks``) and keeps only a few int32 arrays of one value per sample, so
+planning a billion tokens needs no array the size of the tokens.
+
 **A layout** (``PackLayout``) says which token ranges (documents) go into which pack. It comes
 from ``layout_packs``, which applies the overflow policy and the strategy:
 
@@ -48,9 +52,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from packtune.packing.plan import plan_array
+from packtune.packing.chunks import (
+    IGNORE_INDEX,
+    gather,
+    non_decreasing,
+    sample_lengths,
+    trained_after_first,
+    trained_before,
+)
+from packtune.packing.plan import plan_order
 
-IGNORE_INDEX = -100
 MODES = ("bfd", "sequential", "concat", "none")
 OVERFLOW = ("truncate", "drop", "error")
 
@@ -71,7 +82,7 @@ class TokenizedSamples:
             raise ValueError(f"input_ids and labels must be 1-D and equal in shape, got {self.input_ids.shape} and {self.labels.shape}")
         if self.offsets.ndim != 1 or self.offsets.size == 0 or self.offsets[0] != 0 or self.offsets[-1] != self.input_ids.size:
             raise ValueError("offsets must start at 0 and end at the number of tokens")
-        if np.any(np.diff(self.offsets) < 0):
+        if not non_decreasing(self.offsets):
             raise ValueError("offsets must be non-decreasing")
 
     @classmethod
@@ -148,13 +159,6 @@ class PackLayout:
         return cum[self.pack_offsets[1:]] - cum[self.pack_offsets[:-1]]
 
 
-def _trainable(labels: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Per document: does any label after its first token train something?"""
-    mask = (labels != IGNORE_INDEX).astype(np.int64)
-    cum = np.concatenate([[0], np.cumsum(mask)])
-    return (cum[ends] - cum[np.minimum(starts + 1, ends)]) > 0
-
-
 def layout_packs(
     samples: TokenizedSamples,
     max_length: int,
@@ -184,43 +188,80 @@ def layout_packs(
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     n = len(samples)
-    idx = np.arange(n) if order is None else np.asarray(order, dtype=np.int64)
-    if idx.shape != (n,) or (n and not np.array_equal(np.sort(idx), np.arange(n))):
-        raise ValueError("order must be a permutation of the sample indices")
+    idx = _permutation(order, n)
     report = PackingReport(samples=n, max_length=max_length)
-    starts, ends = samples.offsets[:-1][idx], samples.offsets[1:][idx]
-    lengths = ends - starts
+    # Per-sample work in sample order, on int32 arrays of one value per sample; token arrays
+    # are only read in pieces. The planning order is applied at the end.
+    lengths = sample_lengths(samples.offsets)
     keep = np.ones(n, dtype=bool)
-
-    def drop(mask: np.ndarray, reason: str) -> None:
-        count = int((mask & keep).sum())
-        if count:
-            report.dropped[reason] = report.dropped.get(reason, 0) + count
-        keep[mask] = False
-
-    drop(lengths == 0, "empty")
+    _drop(report, keep, lengths == 0, "empty")
     if strategy == "concat":
-        return _concat_layout(samples, starts[keep], ends[keep], max_length, report)
-    over = lengths > max_length
-    if over.any():
+        sel = idx[keep[idx]]
+        starts = gather(samples.offsets, sel)
+        return _concat_layout(samples, starts, starts + lengths[sel], max_length, report)
+    over = np.flatnonzero(lengths > max_length)
+    excess = lengths[over].astype(np.int64) - max_length
+    if over.size:
         if overflow == "error":
-            first = int(idx[np.flatnonzero(over)[0]])
-            raise ValueError(f"sample {first} has {int(lengths[over][0])} tokens, more than max_length={max_length} (overflow='error')")
+            first = int(idx[np.argmax(lengths[idx] > max_length)])  # the first in planning order
+            raise ValueError(f"sample {first} has {int(lengths[first])} tokens, more than max_length={max_length} (overflow='error')")
         if overflow == "drop":
-            drop(over, "too_long")
+            mask = np.zeros(n, dtype=bool)
+            mask[over] = True
+            _drop(report, keep, mask, "too_long")
         else:
-            ends = np.where(over, starts + max_length, ends)
-    drop(~_trainable(samples.labels, starts, ends), "no_trainable_token")
+            lengths[over] = max_length
+    # Trained labels after each document's first token (that one is masked in its pack).
+    trained = trained_after_first(samples.labels, samples.offsets, lengths)
+    _drop(report, keep, trained == 0, "no_trainable_token")
+    report.trained_tokens = int(trained.sum(where=keep, dtype=np.int64))
+    del trained
     # Counted among the kept samples: one cut and then dropped counts as dropped only.
-    report.truncated = int((over & keep).sum())
-    report.truncated_tokens = int((lengths[over & keep] - max_length).sum())
-    starts, ends = starts[keep], ends[keep]
+    report.truncated = int(keep[over].sum())
+    report.truncated_tokens = int(excess[keep[over]].sum())
+    sel = idx[keep[idx]]  # the kept samples, in planning order
+    del keep
+    doc_len = lengths[sel]
+    del lengths
     if strategy == "none":
-        plan, offsets = np.arange(starts.size), np.arange(starts.size + 1)
+        offsets = np.arange(sel.size + 1, dtype=np.int64)
     else:
-        plan, offsets = plan_array(ends - starts, max_length, strategy)
-    layout = PackLayout(starts[plan], ends[plan], offsets, max_length)
-    return layout, _fill_report(report, layout, samples)
+        plan, offsets = plan_order(doc_len, max_length, strategy)
+        sel, doc_len = sel[plan], doc_len[plan]
+        del plan
+    doc_start = gather(samples.offsets, sel)
+    del sel
+    layout = PackLayout(doc_start, doc_start + doc_len, offsets, max_length)
+    report.documents = report.packed = int(doc_len.size)
+    report.packs = len(layout)
+    report.tokens = int(doc_len.sum(dtype=np.int64))
+    return layout, report
+
+
+def _drop(report: PackingReport, keep: np.ndarray, mask: np.ndarray, reason: str) -> None:
+    """Drop the kept samples in ``mask``, counting them under ``reason``."""
+    count = int((mask & keep).sum())
+    if count:
+        report.dropped[reason] = report.dropped.get(reason, 0) + count
+    keep[mask] = False
+
+
+def _permutation(order: np.ndarray | None, n: int) -> np.ndarray:
+    """``order`` checked to be a permutation of ``range(n)``, as int32 (4 bytes a sample)."""
+    dtype = np.int32 if n < 2**31 else np.int64
+    if order is None:
+        return np.arange(n, dtype=dtype)
+    idx = np.asarray(order)
+    if idx.shape != (n,) or (n and not np.issubdtype(idx.dtype, np.integer)):
+        raise ValueError("order must be a permutation of the sample indices")
+    if n:
+        if idx.min() < 0 or idx.max() >= n:
+            raise ValueError("order must be a permutation of the sample indices")
+        seen = np.zeros(n, dtype=bool)
+        seen[idx] = True
+        if not seen.all():  # n values in range, all seen: each exactly once
+            raise ValueError("order must be a permutation of the sample indices")
+    return idx.astype(dtype, copy=False)
 
 
 def _concat_layout(samples, starts, ends, max_length, report):
@@ -241,20 +282,15 @@ def _concat_layout(samples, starts, ends, max_length, report):
     offsets = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=cuts.size))]).astype(np.int64)
     layout = PackLayout(doc_start.astype(np.int64), doc_end.astype(np.int64), offsets, max_length)
     report.truncated = 0
-    return layout, _fill_report(report, layout, samples, split=int(lengths.size))
-
-
-def _fill_report(report, layout, samples, split=None):
     report.documents = int(layout.doc_start.size)
-    report.packed = split if split is not None else report.documents
+    report.packed = int(lengths.size)
     report.packs = len(layout)
     report.tokens = int((layout.doc_end - layout.doc_start).sum())
-    trained = (samples.labels != IGNORE_INDEX).astype(np.int64)
-    cum = np.concatenate([[0], np.cumsum(trained)])
     # A document's first label is masked in its pack (see get_pack).
-    s = np.minimum(layout.doc_start + 1, layout.doc_end)
-    report.trained_tokens = int((cum[layout.doc_end] - cum[s]).sum())
-    return report
+    cum = trained_before(samples.labels, np.concatenate([np.minimum(layout.doc_start + 1, layout.doc_end),
+                                                         layout.doc_end]))
+    report.trained_tokens = int(cum[cum.size // 2:].sum() - cum[:cum.size // 2].sum())
+    return layout, report
 
 
 def get_pack(samples: TokenizedSamples, layout: PackLayout, p: int) -> dict:

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,13 +243,10 @@ class DatasetObject(HubDataset):
 
 
 def _is_datasets_object(entry: Any) -> bool:
-    if isinstance(entry, str):
-        return False
-    try:
-        import datasets
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        return False
-    return isinstance(entry, (datasets.Dataset, datasets.IterableDataset))
+    # Such an object exists only once ``datasets`` is imported: checking never imports it (a
+    # second or so), so a list of paths or hub ids costs nothing here.
+    datasets = sys.modules.get("datasets")
+    return datasets is not None and isinstance(entry, (datasets.Dataset, datasets.IterableDataset))
 
 
 def entry_name(entry: Any) -> str:

@@ -250,18 +250,20 @@ class TurnFinder:
             anchor = last.end
             tails, limits = [], []
             for alt in alts:
-                same = [o for o in self._occ(alt, rx) if o.key == last.key]
+                alt_occ = self._occ(alt, rx)
+                same = [o for o in alt_occ if o.key == last.key]
                 if len(same) >= nth:
                     a = same[nth - 1].end
                     tails.append(alt[a:])
-                    limits.append(_first_after(self._occ(alt, rx), a) - a)
+                    limits.append(_first_after(alt_occ, a) - a)
         else:  # no reply text (tool calls only): from the turn's start, in renderings that go on
             anchor = start
             tails, limits = [], []
             for alt in alts[-1:]:
-                a = self._start(gen, rx, alt, self._occ(alt, rx), k, 0)
+                alt_occ = self._occ(alt, rx)
+                a = self._start(gen, rx, alt, alt_occ, k, 0)
                 tails.append(alt[a:])
-                limits.append(_first_after(self._occ(alt, rx), a) - a)
+                limits.append(_first_after(alt_occ, a) - a)
         limits.append(_first_after(occ, anchor) - anchor)
         n = self._common(full[anchor:], tails, limits)
         closing = full[anchor: anchor + n].rstrip()

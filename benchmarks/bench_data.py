@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -30,6 +29,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import bench_common  # the machine's description, shared by the benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "alpaca_en_demo.json"
@@ -123,20 +124,8 @@ def build(src: Path, data: Path, work: Path, num_proc: int) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    memory = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                memory = f"{int(line.split()[1]) / 2**20:.0f} GiB"
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {memory} RAM; Python {platform.python_version()}"
+    m = bench_common.machine("cpu")
+    return f"{m['cpu']}, {m['cores']} cores, {m.get('memory', '?')} RAM; Python {m['python']}"
 
 
 def load() -> str:

@@ -236,6 +236,16 @@ TOOL_CONV = [
 ]
 
 
+# Reasoning as a field and in the content, tool calls (OpenAI style, and a bare call).
+REASONING_TOOLS_CONV = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "reasoning_content": "  Use the tool.\n",
+     "tool_calls": [{"type": "function", "function": {"name": "w", "arguments": {"city": "Paris"}}}, {"name": "v"}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "assistant", "content": "<think>\nsunny means été\n</think>\n\nSunny.", "tool_calls": []},
+]
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_to_jinja_renders_exactly_like_the_builtin(tok, name):
     """A converted model's tokenizer gets the training template as a Jinja chat template."""
@@ -244,7 +254,7 @@ def test_to_jinja_renders_exactly_like_the_builtin(tok, name):
     template = get_template(name, tok)
     t = copy.deepcopy(tok)
     t.chat_template = template.to_jinja()
-    for conv in (CONV, CONV[1:], TOOL_CONV):
+    for conv in (CONV, CONV[1:], TOOL_CONV, REASONING_TOOLS_CONV):
         assert t.apply_chat_template(conv, tokenize=False) == template.text(conv)
         for k in range(1, len(conv) + 1):
             assert t.apply_chat_template(conv[:k], tokenize=False, add_generation_prompt=True) == template.prompt(conv[:k])

@@ -277,6 +277,23 @@ def reply_parts(message: Message) -> tuple[str, str]:
     return opening + thought + THINK_CLOSE + answer[: len(answer) - len(rest)], rest
 
 
+#: Jinja for ``reply_parts``: ``ns.reply`` = the reasoning block and the answer of message ``m``
+#: (``reasoning_content`` as a think block, tool calls appended as JSON), so a converted model's
+#: chat template writes a reply exactly as training did.
+_JINJA_REPLY = (
+    "{%- set ns.reply = m['content'] or '' -%}"
+    "{%- if m.get('tool_calls') -%}"
+    "{%- set ns.reply = ns.reply + ('\\n' if ns.reply else '') + '[' -%}"
+    "{%- for c in m['tool_calls'] -%}"
+    "{%- set ns.reply = ns.reply + (', ' if not loop.first else '') "
+    "+ ((c['function'] if c is mapping and 'function' in c else c) | tojson) -%}"
+    "{%- endfor -%}{%- set ns.reply = ns.reply + ']' -%}{%- endif -%}"
+    "{%- if m.get('reasoning_content') is string and m['reasoning_content'].strip() -%}"
+    f"{{%- set ns.reply = '{THINK_OPEN}\\n' + m['reasoning_content'].strip() + '\\n{THINK_CLOSE}\\n\\n' + ns.reply -%}}"
+    "{%- endif -%}"
+)
+
+
 def tidy(segments: list[Segment]) -> list[Segment]:
     """``segments`` without empty ones, touching trained ones joined."""
     out: list[Segment] = []
@@ -391,7 +408,7 @@ class BuiltinTemplate(Template):
         tool_pre, tool_post = around(s["tool"] or s["user"])
         a_pre, a_post = around(s["assistant"])
         default = system_prompt if system_prompt is not None else self.spec.default_system
-        out = ["{%- set ns = namespace(merged=none) -%}", "{%- set msgs = messages -%}"]
+        out = ["{%- set ns = namespace(merged=none, reply='') -%}", "{%- set msgs = messages -%}"]
         if default:
             out.append("{%- if messages|length == 0 or messages[0]['role'] != 'system' -%}"
                        f"{{%- set msgs = [{{'role': 'system', 'content': {lit(default)}}}] + messages -%}}"
@@ -412,8 +429,8 @@ class BuiltinTemplate(Template):
             user = f"{{{{- {user_pre} + m['content'] + {user_post} -}}}}"
         out.append(f"{{%- elif m['role'] == 'user' -%}}{user}")
         out.append(f"{{%- elif m['role'] == 'tool' -%}}{{{{- {tool_pre} + m['content'] + {tool_post} -}}}}")
-        out.append(f"{{%- elif m['role'] == 'assistant' -%}}{{{{- {lit(s['assistant_prefix'])} + {a_pre} + "
-                   f"m['content'] + {a_post} -}}}}{{%- if not loop.last -%}}{{{{- {lit(s['sep'])} -}}}}{{%- endif -%}}")
+        out.append(f"{{%- elif m['role'] == 'assistant' -%}}{_JINJA_REPLY}{{{{- {lit(s['assistant_prefix'])} + {a_pre} + "
+                   f"ns.reply + {a_post} -}}}}{{%- if not loop.last -%}}{{{{- {lit(s['sep'])} -}}}}{{%- endif -%}}")
         out.append("{%- endif -%}{%- endfor -%}")
         if merge:  # a system prompt and no user message: plain context
             out.append("{%- if ns.merged is not none -%}{{- ns.merged -}}{%- endif -%}")

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 
 from bench_common import Settings, longtail_lengths, machine, synchronize
-from bench_model import _llama_config, _make_model, _pythonpath, _samples, memory_mark, memory_peak
+from bench_model import _llama_config, _make_model, _pythonpath, _samples, measure_peak
 
 GOAL = 1.5  # sp = N must use at most GOAL / N of sp = 1's memory per rank (1.0 = exactly 1/N)
 MAX_DOC = 4096
@@ -110,12 +110,7 @@ def child(args) -> None:
         engine.step()
 
     step(warm)  # kernels, allocator, optimizer state
-    before = memory_mark(args.device)
-    t0 = time.perf_counter()
-    step(row)
-    synchronize(args.device)
-    first = time.perf_counter() - t0
-    peak, _ = memory_peak(args.device, before)
+    _, peak, _, first = measure_peak(args.device, lambda: step(row))
     step_s = min(first, _timed(lambda: step(row), args.device, args.repeats - 1)) if args.repeats > 1 else first
 
     # Where the time goes: one layer's attention and all-to-alls, timed alone.

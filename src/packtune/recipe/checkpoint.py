@@ -15,7 +15,6 @@ same way afterwards. A kill at any moment leaves the previous checkpoint and poi
 from __future__ import annotations
 
 import glob
-import json
 import os
 import random
 import re
@@ -26,8 +25,6 @@ import torch
 import torch.distributed as dist
 
 LAST = "last_checkpoint"
-#: The file a folder checkpoint (DeepSpeed, FSDP2) describes itself in; see ``sharded``.
-INFO = "packtune.json"
 
 
 def _fsync_dir(path: str) -> None:
@@ -120,11 +117,9 @@ def read_meta(path: str) -> dict:
     """The run's ``meta`` (step, data position, geometry, settings) saved with a checkpoint,
     read without loading its tensors (``packtune.json`` of a folder; a file is memory-mapped)."""
     if os.path.isdir(path):
-        info = os.path.join(path, INFO)
-        if not os.path.isfile(info):
-            return {}
-        with open(info) as f:
-            return json.load(f).get("meta") or {}
+        from packtune.recipe import sharded  # it imports this module
+
+        return sharded.read_info(path).get("meta") or {}
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return state.get("meta") or {}
 

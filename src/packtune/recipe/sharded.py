@@ -40,7 +40,7 @@ from packtune.recipe import checkpoint as ckpt
 
 INSTALL_HINT = "--deepspeed needs DeepSpeed, which is not installed: pip install 'packtune[deepspeed]' (or pip install deepspeed)"
 
-INFO = ckpt.INFO
+INFO = "packtune.json"
 DEEPSPEED_TAG = "state"
 #: DeepSpeed's universal form of ``state`` (made on a resume with another number of processes).
 UNIVERSAL_TAG = "state_universal"

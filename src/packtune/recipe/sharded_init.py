@@ -217,7 +217,8 @@ def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspee
     if zero_stage(filled) != 3 or (settings.lora or {}).get("quantization"):
         return Construction("whole", deepspeed_config=filled)
     # Before transformers' ZeRO-3 switch is on: it would build these under zero.Init.
-    files = _stream_source(settings, env, "ZeRO-3", "transformers loads it (the main rank holds the whole checkpoint while it does)")
+    files = _stream_source(settings, env, "ZeRO-3", "transformers loads it (the main rank holds the whole checkpoint while it does)",
+                           config)
     base = skeleton(config, base_dtype(settings, dtype)) if files is not None else None
     prepare_deepspeed(env)  # zero.Init partitions over the process group: it must exist first
     import deepspeed
@@ -241,19 +242,23 @@ def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspee
 
 
 def _fsdp_construction(settings, env: DistEnv, dtype: torch.dtype) -> Construction:
-    files = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding")
+    config = hf_config(settings)
+    files = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config)
     if files is None:
         return Construction("whole")
-    base = skeleton(hf_config(settings), base_dtype(settings, dtype))
+    base = skeleton(config, base_dtype(settings, dtype))
     log.info("FSDP2: the model is built on the meta device; rank 0 streams %s into every rank's shards",
              settings.pretrained_model_name_or_path)
     return Construction("fsdp_stream", base=base, weights=StreamedWeights(base, files), leak_check="engine")
 
 
-def _stream_source(settings, env: DistEnv, engine: str, otherwise: str) -> dict[str, str] | None:
+def _stream_source(settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, str] | None:
     """Tensor name -> safetensors file of the checkpoint, when its weights can be streamed into
-    the model's own names; else ``None``, after logging why and what happens instead."""
-    why = _cannot_stream(settings)
+    the model's own names; else ``None``, after logging why and what happens instead.
+    ``config``: the model's ``hf_config``, when the caller has read it (else it is read here)."""
+    if config is None:
+        config = hf_config(settings)
+    why = _cannot_stream(settings, config)
     folder = None if why else _local_folder(settings.pretrained_model_name_or_path, env)
     if folder is None and not why:
         why = "its files are not in a local folder"
@@ -265,7 +270,7 @@ def _stream_source(settings, env: DistEnv, engine: str, otherwise: str) -> dict[
         from transformers import AutoModelForCausalLM
 
         with init_empty_weights(include_buffers=True):  # names and shapes only
-            missing = StreamedWeights(AutoModelForCausalLM.from_config(hf_config(settings)), files).missing
+            missing = StreamedWeights(AutoModelForCausalLM.from_config(config), files).missing
         if missing:
             why = f"the checkpoint names its tensors differently (no {', '.join(missing[:3])})"
     if why:
@@ -274,14 +279,13 @@ def _stream_source(settings, env: DistEnv, engine: str, otherwise: str) -> dict[
     return files
 
 
-def _cannot_stream(settings) -> str | None:
+def _cannot_stream(settings, config) -> str | None:
     from transformers import CONFIG_MAPPING
 
     if settings.model_config is not None:
         return "a random-init model has no checkpoint to stream"
     if (settings.lora or {}).get("quantization"):
         return "QLoRA quantizes while loading"
-    config = hf_config(settings)
     if config is None:
         return "its config needs remote code or another loader"
     if getattr(config, "auto_map", None) and settings.trust_remote_code:

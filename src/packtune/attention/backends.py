@@ -432,8 +432,7 @@ def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi,
         causal=req.causal,
         window_size=req.window,
         softcap=req.softcap,
-        # flash-attn reads the slopes as fp32 on q's device.
-        alibi_slopes=alibi.to(device=q.device, dtype=torch.float32) if alibi is not None else None,
+        alibi_slopes=alibi,  # fp32 on q's device (varlen_attn_func moves them there)
         deterministic=deterministic,
         return_attn_probs=req.return_lse,
     )

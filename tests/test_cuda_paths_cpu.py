@@ -39,7 +39,7 @@ def kernel_calls(monkeypatch):
 
     def recording(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest):
         calls.append(types.SimpleNamespace(name=name, dtype=q.dtype, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-                                           alibi=rest[-2], q=q))
+                                           alibi=rest[-1], q=q))
         return real(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest)
 
     monkeypatch.setattr(backends, "run", recording)
@@ -384,7 +384,7 @@ def test_torch_kernel_gets_kv_heads_as_they_are(monkeypatch):
     for fake in (varlen_2_11, varlen_2_13):
         monkeypatch.setattr(backends, "_torch_varlen", lambda f=fake: (f, frozenset(inspect.signature(f).parameters)))
         req = _cuda_request(torch.float32, head_dim=8, v_head_dim=8)
-        backends.run("torch", q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req, None, False)
+        backends.run("torch", q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req, None)
     assert seen == [(8, 2, 2, None), (8, 2, 2, True)]
 
 

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import tiny_model
+from test_hf_integration import _leaky_attention
 from packtune.attention import backends
 from packtune.attention.varlen import AttnRequest, CuSeqlens, varlen_attn_func
 from packtune.modeling import LeakError, check_no_leak, enable_varlen
@@ -60,13 +61,6 @@ def test_leak_check_runs_under_the_training_autocast(kernel_calls):
     kernel_calls.clear()
     check_no_leak(model)
     assert {c.dtype for c in kernel_calls} == {torch.float32}
-
-
-def _leaky_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
 
 
 def test_leak_check_under_autocast_still_catches_a_leak():

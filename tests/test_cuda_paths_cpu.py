@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from conftest import tiny_model
+from test_hf_integration import _leaky_attention
 from packtune.attention import backends
 from packtune.attention.varlen import AttnRequest, CuSeqlens, varlen_attn_func
 from packtune.modeling import LeakError, check_no_leak, enable_varlen
@@ -39,7 +40,7 @@ def kernel_calls(monkeypatch):
 
     def recording(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest):
         calls.append(types.SimpleNamespace(name=name, dtype=q.dtype, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-                                           alibi=rest[-2], q=q))
+                                           alibi=rest[-1], q=q))
         return real(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest)
 
     monkeypatch.setattr(backends, "run", recording)
@@ -60,13 +61,6 @@ def test_leak_check_runs_under_the_training_autocast(kernel_calls):
     kernel_calls.clear()
     check_no_leak(model)
     assert {c.dtype for c in kernel_calls} == {torch.float32}
-
-
-def _leaky_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
 
 
 def test_leak_check_under_autocast_still_catches_a_leak():
@@ -384,7 +378,7 @@ def test_torch_kernel_gets_kv_heads_as_they_are(monkeypatch):
     for fake in (varlen_2_11, varlen_2_13):
         monkeypatch.setattr(backends, "_torch_varlen", lambda f=fake: (f, frozenset(inspect.signature(f).parameters)))
         req = _cuda_request(torch.float32, head_dim=8, v_head_dim=8)
-        backends.run("torch", q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req, None, False)
+        backends.run("torch", q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req, None)
     assert seen == [(8, 2, 2, None), (8, 2, 2, True)]
 
 

@@ -213,36 +213,39 @@ def test_sdpa_backend_on_cuda_fp32_matches_eager():
 # ----------------------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral"])
-@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch"])
-def test_tiny_model_packed_equals_alone_bf16(model_type, backend):
-    if backend != "auto":
+def _packed_equals_alone(model_type: str, backend: str, weights: torch.dtype, autocast: torch.dtype, seed: int):
+    """A tiny model with ``weights``-dtype parameters under ``autocast`` (``torch.float32``:
+    none): the logits and gradients of a packed row match each document alone through eager
+    attention under the same autocast."""
+    if backend in ("flash_attn", "torch"):
         window = (3, 0) if model_type == "mistral" else (-1, -1)
         _require(backend, _request(window=window, head_dim=16, v_head_dim=16, gqa=True))
-    from packtune.modeling import enable_varlen
+    from packtune.modeling import autocast_context, enable_varlen
 
     packed_model = tiny_model(model_type, "packtune_varlen")
     alone_model = same_weights(packed_model, model_type, "eager")
     enable_varlen(packed_model, backend=backend)
-    packed_model.to(DEVICE, torch.bfloat16).train()
-    alone_model.to(DEVICE, torch.bfloat16).train()
-
+    packed_model.to(DEVICE, weights).train()
+    alone_model.to(DEVICE, weights).train()
+    assert {p.dtype for p in packed_model.parameters()} == {weights}
     lengths = [3, 9, 6, 12]
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
     targets = [torch.randint(0, 128, (n,), generator=gen) for n in lengths]
     cu = _cu(lengths)
     bounds = cu.tolist()
-    logits = packed_model(
-        input_ids=torch.cat(ids).unsqueeze(0).to(DEVICE),
-        position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE),
-        cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12, use_cache=False,
-    ).logits[0].float()
-    spans = zip(bounds, bounds[1:], targets)
-    sum(F.cross_entropy(logits[a:b], t.to(DEVICE), reduction="sum") for a, b, t in spans).backward()
+    context = autocast_context(torch.device(DEVICE), autocast)
+    with context:
+        logits = packed_model(
+            input_ids=torch.cat(ids).unsqueeze(0).to(DEVICE),
+            position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE),
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12, use_cache=False,
+        ).logits[0].float()
+    sum(F.cross_entropy(logits[a:b], t.to(DEVICE), reduction="sum") for a, b, t in zip(bounds, bounds[1:], targets)).backward()
     loss_alone = 0.0
     for doc, a, b, t in zip(ids, bounds, bounds[1:], targets):
-        alone = alone_model(input_ids=doc.unsqueeze(0).to(DEVICE), use_cache=False).logits[0].float()
+        with context:
+            alone = alone_model(input_ids=doc.unsqueeze(0).to(DEVICE), use_cache=False).logits[0].float()
         scale = float(alone.detach().abs().max())
         torch.testing.assert_close(logits[a:b], alone, rtol=3e-2, atol=3e-2 * max(scale, 1.0))
         loss_alone = loss_alone + F.cross_entropy(alone, t.to(DEVICE), reduction="sum")
@@ -251,6 +254,12 @@ def test_tiny_model_packed_equals_alone_bf16(model_type, backend):
         mine, theirs = p.grad.float(), r.grad.float()
         rel = float((mine - theirs).norm() / theirs.norm().clamp(min=1e-6))
         assert rel < 5e-2, f"{name}: relative gradient difference {rel:.3g}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+@pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch"])
+def test_tiny_model_packed_equals_alone_bf16(model_type, backend):
+    _packed_equals_alone(model_type, backend, weights=torch.bfloat16, autocast=torch.float32, seed=0)
 
 
 # ----------------------------------------------------------------------------- issue 10: the training path
@@ -262,43 +271,7 @@ def test_fp32_weights_under_bf16_autocast_match_eager(model_type, backend):
     """Full fine-tuning's setting: fp32 master weights, bf16 autocast. q/k/v reach the kernel in
     bf16 (a half-only kernel runs); forward and backward match each document alone through
     eager attention under the same autocast."""
-    if backend in ("flash_attn", "torch"):
-        window = (3, 0) if model_type == "mistral" else (-1, -1)
-        _require(backend, _request(window=window, head_dim=16, v_head_dim=16, gqa=True))
-    from packtune.modeling import enable_varlen
-    from packtune.recipe.step import autocast_context
-
-    packed_model = tiny_model(model_type, "packtune_varlen")
-    alone_model = same_weights(packed_model, model_type, "eager")
-    enable_varlen(packed_model, backend=backend)
-    packed_model.to(DEVICE).train()
-    alone_model.to(DEVICE).train()
-    assert {p.dtype for p in packed_model.parameters()} == {torch.float32}
-    lengths = [3, 9, 6, 12]
-    gen = torch.Generator().manual_seed(1)
-    ids = [torch.randint(3, 128, (n,), generator=gen) for n in lengths]
-    targets = [torch.randint(0, 128, (n,), generator=gen) for n in lengths]
-    cu = _cu(lengths)
-    bounds = cu.tolist()
-    autocast = autocast_context(torch.device(DEVICE), torch.bfloat16)
-    with autocast:
-        logits = packed_model(
-            input_ids=torch.cat(ids).unsqueeze(0).to(DEVICE),
-            position_ids=torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(DEVICE),
-            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12, use_cache=False,
-        ).logits[0].float()
-    sum(F.cross_entropy(logits[a:b], t.to(DEVICE), reduction="sum") for a, b, t in zip(bounds, bounds[1:], targets)).backward()
-    loss_alone = 0.0
-    for doc, a, b, t in zip(ids, bounds, bounds[1:], targets):
-        with autocast:
-            alone = alone_model(input_ids=doc.unsqueeze(0).to(DEVICE), use_cache=False).logits[0].float()
-        scale = float(alone.detach().abs().max())
-        torch.testing.assert_close(logits[a:b], alone, rtol=3e-2, atol=3e-2 * max(scale, 1.0))
-        loss_alone = loss_alone + F.cross_entropy(alone, t.to(DEVICE), reduction="sum")
-    loss_alone.backward()
-    for (name, p), (_, r) in zip(packed_model.named_parameters(), alone_model.named_parameters()):
-        rel = float((p.grad - r.grad).norm() / r.grad.norm().clamp(min=1e-6))
-        assert rel < 5e-2, f"{name}: relative gradient difference {rel:.3g}"
+    _packed_equals_alone(model_type, backend, weights=torch.float32, autocast=torch.bfloat16, seed=1)
 
 
 @pytest.mark.parametrize("backend", ["auto", "flash_attn", "torch"])

@@ -163,7 +163,7 @@ def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads
     req = AttnRequest("cuda", torch.float32, causal, window, softcap, 0.0, alibi is not None, lse, dim, v_dim,
                       kv_heads != 4, False)
     result = backends.run(name, q, k, v, cu_q, cu_k, tuple(cu_q.tolist()), tuple(cu_k.tolist()), 7, 7,
-                          scale_used, req, alibi, False)
+                          scale_used, req, alibi)
     ref, ref_lse = dense_reference(q, k, v, cu_q.tolist(), cu_k.tolist(), causal=causal, window=window,
                                    scale=scale_used, softcap=softcap, alibi=alibi)
     out = result[0] if lse else result

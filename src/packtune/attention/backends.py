@@ -126,14 +126,14 @@ def choose(req, backend: str) -> str:
     raise NotImplementedError("no attention backend supports this call: " + "; ".join(reasons))
 
 
-def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, scale, req, alibi, deterministic):
+def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, scale, req, alibi):
     if name == "eager":
         return _eager(q, k, v, cu_q, cu_k, scale, req, alibi)
     if name == "sdpa":
         return _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi)
     if name == "torch":
         return _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req)
-    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi, deterministic)
+    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi)
 
 
 def _no_autocast(device: torch.device):
@@ -416,7 +416,7 @@ def _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req):
     return out[..., :dv]
 
 
-def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi, deterministic):
+def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi):
     fn = _flash_attn_func()
     dv = v.shape[-1]
     result = fn(
@@ -432,9 +432,8 @@ def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi,
         causal=req.causal,
         window_size=req.window,
         softcap=req.softcap,
-        # flash-attn reads the slopes as fp32 on q's device.
-        alibi_slopes=alibi.to(device=q.device, dtype=torch.float32) if alibi is not None else None,
-        deterministic=deterministic,
+        alibi_slopes=alibi,  # fp32 on q's device (varlen_attn_func moves them there)
+        deterministic=req.deterministic,
         return_attn_probs=req.return_lse,
     )
     if req.return_lse:

@@ -273,5 +273,4 @@ def varlen_attn_func(
         scale,
         request,
         alibi_slopes,
-        deterministic,
     )

@@ -97,6 +97,18 @@ def kv_head_table(num_heads: int, num_kv_heads: int, size: int) -> list[list[int
     return distinct if uniform else need
 
 
+@functools.lru_cache(maxsize=None)
+def _kv_index(num_heads: int, num_kv_heads: int, size: int, device: torch.device) -> torch.Tensor | None:
+    """``kv_head_table`` flattened, on ``device``: the KV heads to send, rank after rank; ``None``
+    when that is the even split (the KV heads as they are). Built once per layout and device,
+    not per layer: a host-to-device copy waits for the GPU."""
+    table = kv_head_table(num_heads, num_kv_heads, size)
+    if table == [list(range(r * num_kv_heads // size, (r + 1) * num_kv_heads // size)) for r in range(size)]:
+        return None
+    with torch.inference_mode(False):  # kept for later calls, which may need it for backward
+        return torch.tensor([h for row in table for h in row], device=device)
+
+
 def _all_to_all(chunks: torch.Tensor, group) -> torch.Tensor:
     """``chunks[j]`` goes to rank ``j``; returns ``out`` with ``out[i]`` from rank ``i``."""
     with torch.profiler.record_function("packtune.ulysses.all_to_all"):
@@ -176,11 +188,10 @@ def ulysses_attention(
             f"sequence parallelism: this rank holds {q.shape[0]} tokens, but the row has {sp.total} "
             f"tokens over {size} ranks; a shard is one flattened row cut into {size} equal parts"
         )
-    heads, kv_heads = q.shape[1], k.shape[1]
-    table = kv_head_table(heads, kv_heads, size)
+    heads = q.shape[1]
     mine = heads // size
-    if table != [list(range(r * kv_heads // size, (r + 1) * kv_heads // size)) for r in range(size)]:
-        index = torch.tensor([h for row in table for h in row], device=k.device)
+    index = _kv_index(heads, k.shape[1], size, k.device)
+    if index is not None:
         k, v = k.index_select(1, index), v.index_select(1, index)
     q_full, k_full, v_full = (seq_to_heads(t, sp.group, size) for t in (q, k, v))
     if alibi_slopes is not None:

@@ -79,6 +79,8 @@ def test_shards_hold_global_positions_and_the_whole_rows_documents():
         assert context.cu_seqlens.host == (0, 5, 7, 8) and context.max_seqlen == 5
         assert context.cu_seqlens.tensor.dtype == torch.int32  # validated once, as the kernels take it
         assert (context.size, context.rank, context.total) == (2, rank, 8)
+        moved = shard.to("cpu").sequence_parallel  # a sharded batch moves with its validated boundaries
+        assert moved.cu_seqlens.host == (0, 5, 7, 8) and moved.cu_seqlens.tensor.tolist() == [0, 5, 7, 8]
 
 
 def test_a_row_that_does_not_split_evenly_is_an_error():

@@ -125,6 +125,12 @@ class CuSeqlens:
         tensor = cu.to(device=cu.device if device is None else device, dtype=torch.int32)
         return cls(tensor, tuple(host), max(b - a for a, b in zip(host, host[1:])))
 
+    def to(self, device, non_blocking: bool = False) -> CuSeqlens:
+        """The same boundaries with the tensor on ``device`` (a host-to-device copy, no sync)."""
+        if self.tensor.device == torch.device(device):
+            return self
+        return CuSeqlens(self.tensor.to(device, non_blocking=non_blocking), self.host, self.longest)
+
     @property
     def total(self) -> int:
         """The number of tokens the documents cover."""
@@ -141,10 +147,8 @@ def _boundaries(name: str, cu, total: int, device: torch.device) -> CuSeqlens:
         return CuSeqlens.validate(name, cu, total, device)
     if cu.total != total:
         raise ValueError(f"{name} must end at the number of tokens ({total}), but it ends at {cu.total}")
-    if cu.tensor.device != device:
-        # A host-to-device copy (no sync); the boundary hook builds it on the right device anyway.
-        cu = CuSeqlens(cu.tensor.to(device), cu.host, cu.longest)
-    return cu
+    # A host-to-device copy at most (no sync); the boundary hook builds it on the right device anyway.
+    return cu.to(device)
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes):

@@ -322,29 +322,28 @@ def test_slurm_variables(monkeypatch):
 
 
 def test_torchrun_relaunch_command(monkeypatch):
-    from packtune.distributed import torchrun_args, torchrun_command
+    from packtune.distributed import torchrun_args
 
     for var in _LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
-    assert torchrun_command(["train", "cfg"]) is None
+    assert torchrun_args(["train", "cfg"]) is None
     monkeypatch.setenv("NPROC_PER_NODE", "4")
-    cmd = torchrun_command(["train", "cfg"])
+    cmd = torchrun_args(["train", "cfg"])
     assert "--nproc_per_node=4" in cmd and "--nnodes=1" in cmd and cmd[-4:] == ["train", "cfg", "--launcher", "pytorch"]
-    # What packtune's own launcher hands torch.distributed.run: the same, without the interpreter.
-    assert cmd[1:3] == ["-m", "torch.distributed.run"] and torchrun_args(["train", "cfg"])[-6:] == cmd[-6:]
+    assert cmd[-6:-4] == ["-m", "packtune"]  # what packtune's own launcher hands torch.distributed.run
     port = next(a for a in cmd if a.startswith("--master_port="))
     assert int(port.split("=")[1]) > 0
     monkeypatch.setenv("NNODES", "2")
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("ADDR", "10.1.2.3")
     monkeypatch.setenv("PORT", "29511")
-    cmd = torchrun_command(["train", "cfg"])
+    cmd = torchrun_args(["train", "cfg"])
     for arg in ("--nnodes=2", "--node_rank=1", "--master_addr=10.1.2.3", "--master_port=29511"):
         assert arg in cmd
     monkeypatch.delenv("PORT")
-    assert "--master_port=29500" in torchrun_command(["train", "cfg"]), "nodes must agree on a port"
+    assert "--master_port=29500" in torchrun_args(["train", "cfg"]), "nodes must agree on a port"
     monkeypatch.setenv("RANK", "0")  # already under torchrun: no second relaunch
-    assert torchrun_command(["train", "cfg"]) is None
+    assert torchrun_args(["train", "cfg"]) is None
 
 
 def test_deepspeed_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):

@@ -78,12 +78,6 @@ def torchrun_args(argv: list[str]) -> list[str] | None:
     ]
 
 
-def torchrun_command(argv: list[str]) -> list[str] | None:
-    """The same launch as a command line (``python -m torch.distributed.run ...``), for display."""
-    args = torchrun_args(argv)
-    return None if args is None else [sys.executable, "-m", "torch.distributed.run", *args]
-
-
 #: Where torchrun tells each worker to write its error (torchelastic's error-file protocol).
 ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
 #: The key under which packtune's own record sits in that file, next to torchelastic's fields.

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from ports_reference import CONFIGS, VOCAB, write_checkpoint
+from test_host_sync import host_reads  # noqa: F401  (fixture)
 
 import packtune
 from packtune.cli.main import main
@@ -135,6 +136,27 @@ def test_alibi_decoding_with_a_cache_matches_full_recompute(tmp_path):
     assert eager.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(eager(prompt).logits, model(prompt, use_cache=False).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("explicit", [True, False], ids=["cu_seq_lens", "position_ids"])
+def test_alibi_host_reads_do_not_grow_with_depth(tmp_path, host_reads, explicit):  # noqa: F811  (the imported fixture)
+    """The ALiBi class uses the boundaries enable_varlen's hook validated once per forward: no
+    host read (a device sync on CUDA) per layer."""
+
+    def reads(layers: int) -> int:
+        write_checkpoint(tmp_path / str(layers), "baichuan2-13b", num_hidden_layers=layers)
+        model = load_model(tmp_path / str(layers)).train()
+        pos = torch.cat([torch.arange(n) for n in (5, 9, 3, 7)])[None]
+        batch = {"input_ids": _ids(24), "position_ids": pos}
+        if explicit:
+            cu = torch.tensor([0, 5, 14, 17, 24])
+            batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+        host_reads.clear()
+        model(**batch).logits.square().mean().backward()
+        return sum(host_reads.values())
+
+    shallow, deep = reads(2), reads(4)
+    assert deep == shallow <= 4, (shallow, deep, dict(host_reads))
 
 
 def test_qwen_says_once_where_the_original_differs(tmp_path):

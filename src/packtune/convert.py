@@ -59,9 +59,9 @@ def ported(settings):
     return port_for(settings.pretrained_model_name_or_path)
 
 
-def _skeleton(settings) -> torch.nn.Module:
-    """The model to load a full state dict into, without downloading weights twice."""
-    if settings.model_config is not None or ported(settings) is not None:
+def _skeleton(settings, port) -> torch.nn.Module:
+    """The model to load a full state dict into, without downloading weights twice (``port``: ``ported(settings)``)."""
+    if settings.model_config is not None or port is not None:
         # A ported model needs its base folder anyway (the original layout copies its files).
         return load_base_model(settings, torch.device("cpu"))
     config = AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
@@ -113,7 +113,7 @@ def pth_to_hf(
     dtype = _output_dtype(settings, fp32)
     os.makedirs(save_path, exist_ok=True)
     if not settings.lora:
-        model = _skeleton(settings)
+        model = _skeleton(settings, port)
         load_trainable_state(model, state)
         missing = set(model.state_dict()) - set(state)
         if missing - {k for k in missing if "rotary" in k or k.endswith("inv_freq")}:
@@ -151,7 +151,7 @@ def merge_adapter(base: str, adapter: str, save_path: str, *, max_shard_size: st
 
     model = load_model(base, dtype="auto")
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    format = format or ("original" if port_for(base) is not None else "native")
+    format = format or "original"  # a model that is not a ported family has one layout: both formats write it
     save_model(merged, save_path, format, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
     source = adapter if os.path.exists(os.path.join(adapter, "tokenizer_config.json")) else base
     load_tokenizer(source).save_pretrained(save_path)

@@ -37,7 +37,6 @@ from packtune.ports.norm_head import NormHead, install_norm_head, normalized_hea
 from packtune.ports.port import Port
 
 FORMATS = ("original", "native")
-_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 
 
 def _config_dict(name_or_path: str, kwargs: dict) -> tuple[dict | None, str | None]:
@@ -75,7 +74,7 @@ def _load_original(name_or_path: str, folder: str | None, cfg: dict, port: Port,
     native_state = port.layout(cfg).to_native(state)
     del state
     model_class = AutoModelForCausalLM._model_mapping[type(native_cfg)]
-    passed = {k: v for k, v in kwargs.items() if k not in (*_HUB_KWARGS, "trust_remote_code")}
+    passed = {k: v for k, v in kwargs.items() if k not in (*files.HUB_KWARGS, "trust_remote_code")}
     model, info = model_class.from_pretrained(
         None, config=native_cfg, state_dict=native_state, dtype=_resolve_dtype(dtype, native_state), output_loading_info=True, **passed
     )

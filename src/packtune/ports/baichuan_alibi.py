@@ -40,8 +40,15 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from packtune.attention.hf import BACKEND_ATTR, _document_starts
-from packtune.attention.varlen import varlen_attn_func
+from packtune.attention import hf
+from packtune.attention.hf import (
+    BACKEND_ATTR,
+    BOUNDARIES_KWARG,
+    _document_starts,
+    forward_boundaries,
+)
+from packtune.attention.varlen import CuSeqlens, varlen_attn_func
+from packtune.modeling import _has_padding
 from packtune.ports.norm_head import NormHead
 
 MODEL_TYPE = "baichuan_alibi"
@@ -93,16 +100,18 @@ def alibi_slopes(heads: int) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class Boundaries:
-    """Documents of one forward pass, shared by every layer."""
+    """Documents of one forward pass, validated once (``CuSeqlens``: no host read in any layer)
+    and shared by every layer."""
 
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
+    cu_q: CuSeqlens
+    cu_k: CuSeqlens
     max_q: int
     max_k: int
 
-
-def _longest(cu: torch.Tensor) -> int:
-    return int(cu.diff().max()) if cu.numel() > 1 else 0
+    @classmethod
+    def of(cls, validated: hf.Boundaries, max_q: int | None = None, max_k: int | None = None) -> Boundaries:
+        """From ``packtune.attention.hf``'s validated boundaries; ``max_q/k`` default to the longest document."""
+        return cls(validated.q, validated.k, int(max_q or validated.q.longest), int(max_k or validated.k.longest))
 
 
 def document_boundaries(
@@ -128,9 +137,7 @@ def document_boundaries(
     count = int(segment[-1]) + 1
     k_sizes = torch.bincount(segment, minlength=count)
     q_sizes = torch.bincount(segment.view(rows, tk)[:, past:].reshape(-1), minlength=count)
-    cu_k = F.pad(k_sizes.cumsum(0), (1, 0)).to(torch.int32)
-    cu_q = F.pad(q_sizes.cumsum(0), (1, 0)).to(torch.int32)
-    return Boundaries(cu_q, cu_k, _longest(cu_q), _longest(cu_k))
+    return Boundaries.of(forward_boundaries(F.pad(q_sizes.cumsum(0), (1, 0)), F.pad(k_sizes.cumsum(0), (1, 0)), device))
 
 
 class BaichuanAlibiAttention(nn.Module):
@@ -240,9 +247,12 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
             if past:
                 raise NotImplementedError("packed rows (cu_seq_lens_q) cannot be decoded against an earlier KV cache")
             cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
-            boundaries = Boundaries(cu_seq_lens_q, cu_k, int(max_length_q or _longest(cu_seq_lens_q)), int(max_length_k or _longest(cu_k)))
+            hooked = kwargs.get(BOUNDARIES_KWARG)  # validated once by enable_varlen's boundary hook
+            if not (isinstance(hooked, hf.Boundaries) and hooked.q.tensor is cu_seq_lens_q and hooked.k.tensor is cu_k):
+                hooked = forward_boundaries(cu_seq_lens_q, cu_k, hidden.device)
+            boundaries = Boundaries.of(hooked, max_length_q, max_length_k)
         else:
-            mask = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+            mask = attention_mask if _has_padding(attention_mask) else None
             boundaries = document_boundaries(rows, tq, past, mask, position_ids, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, boundaries=boundaries, cache=cache)

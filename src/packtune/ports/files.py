@@ -29,6 +29,8 @@ SIDE_FILES = (
     "*.py", "tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.tiktoken", "*.model",
     "vocab.*", "merges.txt", "generation_config.json",
 )
+#: The ``from_pretrained`` keywords that say where hub files come from (the rest configure the model).
+HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 
 
 def read_config(folder: str | os.PathLike) -> dict:
@@ -112,7 +114,7 @@ def hub_folder(repo_id: str, **kwargs) -> str:
     weight format (safetensors when the repo has it, else ``.bin``; never both)."""
     from huggingface_hub import snapshot_download
 
-    allowed = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    allowed = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     folder = snapshot_download(repo_id, allow_patterns=["*.json", *SIDE_FILES], **allowed)
     for suffix in (".safetensors", ".bin"):
         folder = snapshot_download(repo_id, allow_patterns=[f"*{suffix}"], **allowed)
@@ -125,7 +127,7 @@ def hub_config(repo_id: str, **kwargs) -> dict | None:
     """``config.json`` of hub repo ``repo_id`` (None when it has none or cannot be fetched)."""
     from huggingface_hub import hf_hub_download
 
-    allowed = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+    allowed = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     try:
         return json.loads(Path(hf_hub_download(repo_id, "config.json", **allowed)).read_text())
     except Exception:  # offline, private, no such repo: transformers' own loader reports it

@@ -97,23 +97,24 @@ class Layout:
                 return {_fill(native, m.groupdict()): tensor}
         raise PortError(f"{self.family} checkpoint has a tensor packtune does not know: {name!r}")
 
+    def _fused_part(self, name: str) -> tuple[int, int, dict[str, str]] | None:
+        """``(fused tensor, part, fields)`` of a native name that is one part of a fused tensor, else None."""
+        for i, (_, part_rxs, _) in enumerate(self._fused):
+            for j, rx in enumerate(part_rxs):
+                m = rx.match(name)
+                if m:
+                    return i, j, m.groupdict()
+        return None
+
     def to_original(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The native state dict (or gradients) -> original names and fused shapes."""
         out: dict[str, torch.Tensor] = {}
         pending: dict[tuple[int, tuple], list] = {}
         for name, tensor in state.items():
-            placed = False
-            for i, (_, part_rxs, fused) in enumerate(self._fused):
-                for j, rx in enumerate(part_rxs):
-                    m = rx.match(name)
-                    if m:
-                        key = (i, tuple(sorted(m.groupdict().items())))
-                        pending.setdefault(key, [None] * len(part_rxs))[j] = tensor
-                        placed = True
-                        break
-                if placed:
-                    break
-            if placed:
+            part = self._fused_part(name)
+            if part is not None:
+                i, j, fields = part
+                pending.setdefault((i, tuple(sorted(fields.items()))), [None] * len(self._fused[i][1]))[j] = tensor
                 continue
             for _, original, native_rx, _ in self._renames:
                 m = native_rx.match(name)

@@ -23,6 +23,7 @@ from packtune.attention.hf import (
     forward_boundaries,
 )
 from packtune.attention.varlen import BACKENDS
+from packtune.layers import install_varlen_layers
 from packtune.parallel.ulysses import SP_KWARG
 
 
@@ -113,12 +114,15 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     """Route every attention layer of ``model`` through ``varlen_attn_func``; cache off.
 
     Also installs ``_attach_boundaries`` on the model's backbone, so a packed row given by
-    ``position_ids`` alone is exact on every family. Raises ``ValueError`` when the model
-    cannot switch attention implementation (remote code that does not use transformers'
-    ``AttentionInterface``).
+    ``position_ids`` alone is exact on every family, and gives every layer with state (scans,
+    causal convolutions) its varlen form from ``packtune.layers.VARLEN_LAYERS``. Raises
+    ``ValueError`` when the model cannot switch attention implementation (remote code that does
+    not use transformers' ``AttentionInterface``), and ``StatefulLayerError`` (a ``ValueError``)
+    naming any layer with state that packtune has no varlen form of.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    install_varlen_layers(model)
     if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)

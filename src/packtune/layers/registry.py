@@ -1,0 +1,100 @@
+"""The one table of varlen layer forms (``VARLEN_LAYERS``), and how ``enable_varlen`` installs them."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import re
+
+import torch
+
+#: Layer class name -> ``"module:function"`` of its varlen form (imported when a model has the layer,
+#: so ``import packtune`` stays cheap). A new stateful layer kind is one function plus one row here.
+VARLEN_LAYERS: dict[str, str] = {}
+
+#: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
+_STATEFUL_NAME = re.compile(
+    r"Mamba|Mixer|DeltaNet|DeltaAttention|LinearAttention|ShortConv|Lightning|Recurrent|Rwkv|RWKV|"
+    r"Ssm|SSM|Retention|Hyena|LSTM|Lru|LRU"
+)
+#: Names of wrappers and leaves that merely contain or sit beside a stateful mixer (a model, a
+#: decoder block, a norm, an MLP): the mixer inside is the layer to name.
+_WRAPPER_NAME = re.compile(r"(Norm|Block|DecoderLayer|Layer|Model|ForCausalLM|FeedForward|Mlp|MLP)$")
+#: Parameters that only state-space / decay layers have.
+_STATEFUL_PARAMS = ("A_log", "dt_bias")
+
+
+class StatefulLayerError(ValueError):
+    """A layer keeps state across tokens and packtune has no varlen form of it."""
+
+
+def _is_time_conv(module: torch.nn.Module) -> bool:
+    """A depthwise convolution over time with more than one tap: it mixes neighbouring tokens."""
+    return (
+        isinstance(module, torch.nn.Conv1d)
+        and module.groups == module.in_channels
+        and module.groups > 1
+        and module.kernel_size[0] > 1
+    )
+
+
+def looks_stateful(module: torch.nn.Module) -> bool:
+    """Whether ``module`` itself mixes tokens through a state or a causal convolution: it is (or
+    directly holds) a depthwise convolution over time, has state-space parameters (``A_log``,
+    ``dt_bias``), or is named like a scan or recurrence (not a model, block, norm or MLP around one).
+
+    >>> looks_stateful(torch.nn.Linear(2, 2)), looks_stateful(torch.nn.Conv1d(4, 4, 3, groups=4))
+    (False, True)
+    """
+    if _is_time_conv(module) or any(_is_time_conv(child) for child in module.children()):
+        return True
+    own = dict(module.named_parameters(recurse=False))
+    if any(name in own for name in _STATEFUL_PARAMS):
+        return True
+    name = type(module).__name__
+    return bool(_STATEFUL_NAME.search(name)) and not _WRAPPER_NAME.search(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(target: str):
+    module_name, func = target.split(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def install_varlen_layers(model: torch.nn.Module) -> list[str]:
+    """Give every layer of ``model`` with an entry in ``VARLEN_LAYERS`` its varlen form.
+
+    Returns the class names that were switched (each once, in model order). Raises
+    ``StatefulLayerError`` naming every stateful layer kind that has no varlen form; nothing is
+    switched then. Idempotent: a layer already switched is left as it is.
+    """
+    plan: list[tuple[torch.nn.Module, str]] = []
+    unknown: dict[str, str] = {}
+    covered: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in covered:
+            continue
+        kind = type(module).__name__
+        if kind in VARLEN_LAYERS:
+            plan.append((module, kind))
+            covered.update(id(m) for m in module.modules())
+        elif looks_stateful(module):
+            unknown.setdefault(kind, name)
+            covered.update(id(m) for m in module.modules())
+    if unknown:
+        listed = ", ".join(f"{kind} (at {where or 'the model'})" for kind, where in unknown.items())
+        raise StatefulLayerError(
+            f"{type(model).__name__} has layers that carry state from token to token and packtune has "
+            f"no varlen form of them: {listed}. On a packed row their state would cross document "
+            "boundaries; refusing to pack. Set use_varlen_attn = False and pack_to_max_length = False"
+        )
+    switched: list[str] = []
+    for module, kind in plan:
+        if not getattr(module, "_packtune_varlen_layer", False):
+            # An instance attribute: this layer object only, never the class (other models and the
+            # reference copies in tests keep transformers' forward). A partial survives deepcopy.
+            module.forward = functools.partial(_resolve(VARLEN_LAYERS[kind]), module)
+            module._packtune_varlen_layer = True
+        if kind not in switched:
+            switched.append(kind)
+    return switched

@@ -10,7 +10,15 @@ import torch
 
 #: Layer class name -> ``"module:function"`` of its varlen form (imported when a model has the layer,
 #: so ``import packtune`` stays cheap). A new stateful layer kind is one function plus one row here.
-VARLEN_LAYERS: dict[str, str] = {}
+VARLEN_LAYERS: dict[str, str] = {
+    # Mamba2 (SSD) mixers: one form, Falcon-H1's with its multipliers (layers/mamba2.py).
+    "BambaMixer": "packtune.layers.mamba2:mamba2_mixer_forward",
+    "GraniteMoeHybridMambaLayer": "packtune.layers.mamba2:mamba2_mixer_forward",
+    "NemotronHMamba2Mixer": "packtune.layers.mamba2:mamba2_mixer_forward",
+    "Zamba2MambaMixer": "packtune.layers.mamba2:mamba2_mixer_forward",
+    "Mamba2Mixer": "packtune.layers.mamba2:mamba2_mixer_forward",
+    "FalconH1Mixer": "packtune.layers.mamba2:falcon_h1_mixer_forward",
+}
 
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
 _STATEFUL_NAME = re.compile(

@@ -18,6 +18,13 @@ VARLEN_LAYERS: dict[str, str] = {
     "Zamba2MambaMixer": "packtune.layers.mamba2:mamba2_mixer_forward",
     "Mamba2Mixer": "packtune.layers.mamba2:mamba2_mixer_forward",
     "FalconH1Mixer": "packtune.layers.mamba2:falcon_h1_mixer_forward",
+    # Mamba1 (selective scan) mixers (layers/mamba1.py). Jamba's decoder layer and the Mamba /
+    # Falcon-Mamba LMs call their mixers without the forward's kwargs: their rows hand the
+    # boundaries to the mixers inside.
+    "JambaMambaDecoderLayer": "packtune.layers.mamba1:jamba_mamba_layer_forward",
+    "MambaForCausalLM": "packtune.layers.mamba1:mamba_lm_forward",
+    "FalconMambaForCausalLM": "packtune.layers.mamba1:mamba_lm_forward",
+    "ZambaMambaMixer": "packtune.layers.mamba1:zamba_mixer_forward",
 }
 
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).

@@ -187,40 +187,80 @@ def zamba_mixer_forward(
 
 
 @contextlib.contextmanager
-def _mixers_given(root: torch.nn.Module, bounds):
-    """Within the block: every Mamba1 mixer under ``root`` runs its varlen form with ``bounds``
-    bound as its boundaries argument (per instance; its own forward is back afterwards)."""
-    from packtune.attention.hf import BOUNDARIES_KWARG
-
-    mixers = [m for m in root.modules() if type(m).__name__ in _BOUND_MIXERS]
-    if not mixers:
-        raise TypeError(f"{type(root).__name__} holds none of {', '.join(_BOUND_MIXERS)}: no varlen form fits it")
-    if bounds is None:
-        yield
-        return
-    for mixer in mixers:
-        mixer.forward = functools.partial(mamba1_mixer_forward, mixer, **{BOUNDARIES_KWARG: bounds})
+def _bound(modules: list[torch.nn.Module], form, bounds):
+    """Within the block, each of ``modules`` runs ``form`` with ``bounds`` as its boundaries
+    argument (per instance; its own forward is back afterwards)."""
+    for module in modules:
+        module.forward = functools.partial(form, module, bounds)
     try:
         yield
     finally:
-        for mixer in mixers:
-            del mixer.forward
+        for module in modules:
+            del module.forward
+
+
+def _mixer_with(mixer: torch.nn.Module, bounds, *args, **kwargs) -> torch.Tensor:
+    from packtune.attention.hf import BOUNDARIES_KWARG
+
+    return mamba1_mixer_forward(mixer, *args, **{**kwargs, BOUNDARIES_KWARG: bounds})
+
+
+def _mixers_in(root: torch.nn.Module) -> list[torch.nn.Module]:
+    mixers = [m for m in root.modules() if type(m).__name__ in _BOUND_MIXERS]
+    if not mixers:
+        raise TypeError(f"{type(root).__name__} holds none of {', '.join(_BOUND_MIXERS)}: no varlen form fits it")
+    return mixers
+
+
+def _is_checkpoint_wrapper(forward) -> bool:
+    """transformers' ``GradientCheckpointingLayer`` wraps each subclass's ``forward`` in
+    ``forward_with_checkpointing`` (functools.wraps keeps the name, not the code's)."""
+    code = getattr(forward, "__code__", None)
+    return code is not None and code.co_name == "forward_with_checkpointing" and hasattr(forward, "__wrapped__")
+
+
+def _own_forward_with_mixers_given(layer: torch.nn.Module, bounds, args: tuple, kwargs: dict):
+    """``layer``'s own forward with every Mamba1 mixer in it given ``bounds``.
+
+    Under gradient checkpointing, transformers checkpoints the class's forward, whose replay in
+    the backward pass would call the mixers without the boundaries; this call is checkpointed
+    instead (cache off, as transformers does there), so the replay gives them too.
+    """
+    forward = type(layer).forward
+    if bounds is None:
+        return forward(layer, *args, **kwargs)
+    wrapped = _is_checkpoint_wrapper(forward)
+    inner = forward.__wrapped__ if wrapped else forward
+    mixers = _mixers_in(layer)
+
+    def run(*a, **kw):
+        with _bound(mixers, _mixer_with, bounds):
+            return inner(layer, *a, **kw)
+
+    if wrapped and layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        off = {"use_cache": False, "cache": None, "layer_past": None}
+        kwargs = {k: off[k] if k in off else v for k, v in kwargs.items()}
+        return layer._gradient_checkpointing_func(functools.partial(run, **kwargs), *args)
+    return run(*args, **kwargs)
 
 
 def jamba_mamba_layer_forward(layer: torch.nn.Module, *args, **kwargs):
     """Varlen form of ``JambaMambaDecoderLayer``, which calls its mixer without the forward's
-    keyword arguments: its own forward, with its mixer given this forward's boundaries. Gradient
-    checkpointing recomputes through this form too (the layer's kwargs carry the boundaries)."""
+    keyword arguments: its own forward, with its mixer given this forward's boundaries."""
     from packtune.attention.hf import BOUNDARIES_KWARG
 
-    with _mixers_given(layer, kwargs.get(BOUNDARIES_KWARG)):
-        return type(layer).forward(layer, *args, **kwargs)
+    return _own_forward_with_mixers_given(layer, kwargs.get(BOUNDARIES_KWARG), args, kwargs)
+
+
+def _block_with(block: torch.nn.Module, bounds, *args, **kwargs):
+    return _own_forward_with_mixers_given(block, bounds, args, kwargs)
 
 
 def mamba_lm_forward(model: torch.nn.Module, *args, **kwargs):
     """Varlen form of ``MambaForCausalLM`` and ``FalconMambaForCausalLM``, whose backbone and
     blocks pass no keyword arguments on: the boundaries are validated here (enable_varlen's
-    boundary hook, called on the LM's own inputs) and given to every mixer for this forward."""
+    boundary hook, called on the LM's own inputs) and given to every block for this forward,
+    which gives them to its mixer (inside its gradient checkpoint, when it has one)."""
     from packtune.attention.hf import BOUNDARIES_KWARG
     from packtune.modeling import _attach_boundaries
 
@@ -228,12 +268,9 @@ def mamba_lm_forward(model: torch.nn.Module, *args, **kwargs):
     if attached is not None:
         args, kwargs = attached
     bounds = kwargs.get(BOUNDARIES_KWARG)
-    if bounds is not None and model.training and model.is_gradient_checkpointing:
-        # The checkpointed unit is the block, called without the boundaries: its recompute in
-        # the backward pass would scan across documents.
-        raise NotImplementedError(
-            f"{type(model).__name__} cannot train packed rows with gradient checkpointing: turn "
-            "gradient_checkpointing off, or pack_to_max_length off"
-        )
-    with _mixers_given(model, bounds):
+    if bounds is None:
+        return type(model).forward(model, *args, **kwargs)
+    mixers = _mixers_in(model)
+    blocks = [m for m in model.modules() if any(c in mixers for c in m.children())]
+    with _bound(blocks, _block_with, bounds):
         return type(model).forward(model, *args, **kwargs)

@@ -23,7 +23,9 @@ from packtune.layers.mamba1 import documents_as_rows, rows_from_documents, varle
 from packtune.layers.mamba2 import mamba2_mixer_forward, varlen_ssd_scan
 from packtune.modeling import check_no_leak, enable_varlen
 
-_COMMON = dict(hidden_size=64, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_COMMON = dict(
+    hidden_size=64, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False
+)
 _ATTN = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
 _MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8, mamba_chunk_size=8)
 _MAMBA1 = dict(num_hidden_layers=2, state_size=8, intermediate_size=128, time_step_rank=8)
@@ -71,7 +73,7 @@ CONFIGS = {
 
 def _tiny(name: str, seed: int = 0, **overrides):
     model_type = "falcon_h1" if name.startswith("falcon_h1") else name
-    cfg = AutoConfig.for_model(model_type, **_COMMON, **CONFIGS[name], **overrides)
+    cfg = AutoConfig.for_model(model_type, **_COMMON, **{**CONFIGS[name], **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
 
@@ -307,39 +309,48 @@ def test_documents_laid_one_per_row_scan_alone(lengths, seed):
 
 
 # ----------------------------------------------------------------------------- CUDA
+# The kernels' Triton blocks want dimensions of at least 16: chunks and states of 16 here.
+
+
+def _cuda_segments(lengths):
+    cu = CuSeqlens.validate("cu", _segments(lengths).cu.tensor, device="cuda")
+    return Segments.build(cu, rows=1, length=sum(lengths))
 
 
 @pytest.mark.gpu
 def test_cuda_ssd_scan_with_seq_idx_equals_documents_alone():
     pytest.importorskip("mamba_ssm")
     lengths = (37, 5, 70, 12)
-    inputs = [t.detach().float().cuda() for t in _ssd_inputs(sum(lengths), heads=4, head_dim=16, state=16)]
-    seg = _segments(lengths)
-    seg = Segments.build(CuSeqlens.validate("cu", seg.cu.tensor, device="cuda"), rows=1, length=sum(lengths))
-    packed = _ssd(*inputs, 16, seg=seg)
+    inputs = [t.detach().cuda() for t in _ssd_inputs(sum(lengths), heads=4, head_dim=16, state=16)]
+    packed = _ssd(*inputs, 16, seg=_cuda_segments(lengths))
     alone = _per_document(lambda *t: _ssd(*[x.cpu() for x in t], 16), lengths, inputs, token_dim=1)
-    torch.testing.assert_close(packed.cpu(), alone, rtol=2e-3, atol=2e-3)
+    assert _rel(packed.cpu(), alone) < 5e-3
 
 
 @pytest.mark.gpu
 def test_cuda_selective_scan_equals_documents_alone():
     pytest.importorskip("mamba_ssm")
     lengths = (37, 5, 70, 12)
-    inputs = [t.detach().float().cuda() for t in _selective_inputs(sum(lengths))]
-    seg = Segments.build(
-        CuSeqlens.validate("cu", _segments(lengths).cu.tensor, device="cuda"), rows=1, length=sum(lengths)
-    )
-    packed = _selective(*inputs, seg=seg)
+    inputs = [t.detach().float().cuda() for t in _selective_inputs(sum(lengths), state=16)]
+    packed = _selective(*inputs, seg=_cuda_segments(lengths))
     alone = _per_document(_selective, lengths, [t.cpu() for t in inputs], token_dim=2)
-    torch.testing.assert_close(packed.cpu(), alone, rtol=2e-3, atol=2e-3)
+    assert _rel(packed.cpu(), alone) < 5e-3
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["bamba", "nemotron_h", "jamba", "mamba"])
-def test_cuda_packed_row_equals_documents_alone(name):
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        ("bamba", dict(mamba_chunk_size=16, mamba_d_state=16)),
+        ("nemotron_h", dict(chunk_size=16, ssm_state_size=16)),
+        ("jamba", dict(mamba_d_state=16)),
+        ("mamba", dict(state_size=16)),
+    ],
+)
+def test_cuda_packed_row_equals_documents_alone(name, overrides):
     pytest.importorskip("mamba_ssm")
     pytest.importorskip("causal_conv1d")
-    model = _tiny(name).cuda()
+    model = _tiny(name, **overrides).cuda()
     reference = copy.deepcopy(model)
     enable_varlen(model).eval(), reference.eval()
     lengths = LENGTHS[1]
@@ -351,5 +362,5 @@ def test_cuda_packed_row_equals_documents_alone(name):
         start = 0
         for n in lengths:
             alone = reference(input_ids=ids[:, start : start + n], position_ids=pos[:, start : start + n]).logits
-            assert _rel(packed[:, start : start + n], alone) < 2e-3
+            assert _rel(packed[:, start : start + n], alone) < 5e-3
             start += n

@@ -364,3 +364,16 @@ def test_cuda_packed_row_equals_documents_alone(name, overrides):
             alone = reference(input_ids=ids[:, start : start + n], position_ids=pos[:, start : start + n]).logits
             assert _rel(packed[:, start : start + n], alone) < 5e-3
             start += n
+
+
+@pytest.mark.parametrize("task_type", [None, "CAUSAL_LM"])
+def test_packed_row_equals_documents_alone_through_peft(task_type):
+    """LoRA on the mixers' projections; a PeftModel made without a task type calls the LM
+    directly, past its LoraModel: the boundaries must reach the mixers either way."""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, target_modules=["in_proj"], init_lora_weights=False, task_type=task_type)
+    model = peft.get_peft_model(_tiny("bamba"), config)
+    reference = copy.deepcopy(model)
+    enable_varlen(model)
+    logit_err, grad_err = _packed_vs_alone(model, reference, LENGTHS[0])
+    assert logit_err < 2e-5 and grad_err < 2e-5, (logit_err, grad_err)

@@ -134,7 +134,10 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     for cfg in model_configs(model):
         setattr(cfg, BACKEND_ATTR, backend)
         cfg.use_cache = False
-    backbone = getattr(model, "base_model", None) or model
+    # The transformers backbone, under any PEFT wrapper: a PeftModel made without a task type
+    # calls the LM directly, past its LoraModel, so a hook there would never run.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(inner, "base_model", None) or inner
     if not getattr(backbone, "_packtune_boundaries", False):
         backbone.register_forward_pre_hook(_attach_boundaries, with_kwargs=True)
         backbone._packtune_boundaries = True

@@ -190,13 +190,17 @@ def zamba_mixer_forward(
 def _bound(modules: list[torch.nn.Module], form, bounds):
     """Within the block, each of ``modules`` runs ``form`` with ``bounds`` as its boundaries
     argument (per instance; its own forward is back afterwards)."""
+    before = [module.__dict__.get("forward") for module in modules]  # e.g. an accelerate hook's
     for module in modules:
         module.forward = functools.partial(form, module, bounds)
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, forward in zip(modules, before):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 def _mixer_with(mixer: torch.nn.Module, bounds, *args, **kwargs) -> torch.Tensor:

@@ -24,7 +24,8 @@ def build(model_type: str, seed: int = 0, **config) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).train()
 
 
-def _close(name: str, mine: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
+def assert_close_scaled(name: str, mine: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
+    """``mine`` equals ``ref`` within ``rtol`` of each element and of ``ref``'s largest magnitude."""
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     torch.testing.assert_close(mine, ref, rtol=rtol, atol=rtol * max(scale, 1e-3), msg=lambda m: f"{name}: {m}")
 
@@ -67,7 +68,7 @@ def assert_packed_equals_alone(
         for n in row:
             part = slice(start, start + n)
             alone = reference(input_ids=ids[r : r + 1, part], use_cache=False).logits
-            _close(f"logits of row {r} tokens {start}:{start + n}", logits[r : r + 1, part].detach(), alone.detach(), rtol)
+            assert_close_scaled(f"logits of row {r} tokens {start}:{start + n}", logits[r : r + 1, part].detach(), alone.detach(), rtol)
             (alone * weights[r : r + 1, part]).sum().backward()
             start += n
     mine = dict(model.named_parameters())
@@ -75,5 +76,5 @@ def assert_packed_equals_alone(
         if param.grad is None:
             assert mine[name].grad is None or not mine[name].grad.any(), f"{name}: gradient only when packed"
             continue
-        _close(f"gradient of {name}", mine[name].grad, param.grad, rtol)
+        assert_close_scaled(f"gradient of {name}", mine[name].grad, param.grad, rtol)
     return logits

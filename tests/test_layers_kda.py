@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.kimi_linear import modeling_kimi_linear as kimi
 
-from packed_vs_alone import assert_packed_equals_alone, build
+from packed_vs_alone import assert_close_scaled, assert_packed_equals_alone, build
 from packtune.attention.varlen import CuSeqlens
 from packtune.layers import VARLEN_LAYERS
 from packtune.layers.kda import CHUNK_SIZE, chunk_kda_varlen, kda_scan
@@ -54,8 +56,9 @@ def _segments(lengths: list[int], rows: int = 1, device="cpu") -> Segments:
 def _kda_inputs(total: int, heads: int = 2, dim: int = 8, seed: int = 0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, total, heads, dim, generator=gen) for _ in range(3))
-    # Log decays as the layers make them: negative, some strong (down to -5 a step), some weak.
-    g = -torch.rand(1, total, heads, dim, generator=gen) * torch.tensor([0.05, 5.0]).repeat_interleave(dim // 2)
+    # Log decays as the layers make them: negative, weak on some channels, down to -30 a step on
+    # others (Kimi's gate is unbounded below), so decays summed over a chunk reach the hundreds.
+    g = -torch.rand(1, total, heads, dim, generator=gen) * torch.tensor([0.05, 0.5, 5.0, 30.0]).repeat(dim // 4)
     beta = torch.rand(1, total, heads, generator=gen)
     return [x.to(device) for x in (q, k, v, g, beta)]
 
@@ -160,12 +163,17 @@ def test_fla_chunk_kda_with_cu_seqlens_equals_documents_alone():
     ref_leaves = [x.detach().cpu().requires_grad_() for x in inputs]
     out = kda_scan(*leaves, _segments(lengths, device="cuda"))
     ref = _per_document(lengths, *ref_leaves, chunk_size=CHUNK_SIZE)
-    torch.testing.assert_close(out.float().cpu(), ref, rtol=2e-3, atol=2e-3)
+    # fla's Triton kernels take their fp32 dot products in tf32: 1e-2 of the largest value, where a
+    # leak between documents is of the order of the values themselves.
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=1e-2, atol=1e-2)
     grad = torch.randn_like(ref)
     (out.float() * grad.cuda()).sum().backward()
     (ref * grad).sum().backward()
     for name, mine, theirs in zip(("q", "k", "v", "g", "beta"), leaves, ref_leaves):
-        torch.testing.assert_close(mine.grad.cpu(), theirs.grad, rtol=5e-3, atol=5e-3, msg=lambda m, n=name: f"d{n}: {m}")
+        scale = float(theirs.grad.abs().max())
+        torch.testing.assert_close(
+            mine.grad.cpu(), theirs.grad, rtol=1e-2, atol=1e-2 * scale, msg=lambda m, n=name: f"d{n}: {m}"
+        )
 
 
 @pytest.mark.gpu
@@ -175,4 +183,55 @@ def test_model_on_cuda_packed_equals_documents_alone(model_type):
     against the documents alone through transformers' layers (fla/causal_conv1d there too)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     model = build(model_type, **CONFIGS[model_type]).cuda()
-    assert_packed_equals_alone(model, LONG, rtol=2e-3)
+    assert_packed_equals_alone(model, LONG, rtol=1e-2)  # tf32 dots inside the Triton kernels
+
+
+def _glm5_next_layer():
+    from transformers.models.glm5_next.configuration_glm5_next import Glm5NextTextConfig
+    from transformers.models.glm5_next.modeling_glm5_next import Glm5NextTextLinearAttention
+
+    cfg = Glm5NextTextConfig(
+        hidden_size=64, num_hidden_layers=2, linear_head_dim=16, linear_num_heads=4, vocab_size=128, pad_token_id=0
+    )
+    return Glm5NextTextLinearAttention(cfg, layer_idx=0)
+
+
+def _model_layer(model_type):
+    return build(model_type, **CONFIGS[model_type]).model.layers[0].self_attn
+
+
+LAYERS = {"kimi_linear": _model_layer, "bailing_hybrid": _model_layer, "glm5_next_text": lambda _: _glm5_next_layer()}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_layer_packed_equals_its_forward_per_document(kind):
+    """Each KDA layer class alone: the varlen form on a packed row against the class's own forward
+    on each document (glm5_next's text model, whose other layers are sparse attention, included)."""
+    from packtune.attention.hf import BOUNDARIES_KWARG, Boundaries
+    from packtune.layers.registry import install_varlen_layers
+
+    torch.manual_seed(0)
+    layer = LAYERS[kind](kind).float()
+    for name, param in layer.named_parameters():
+        if not param.is_floating_point() or name.endswith(("A_log", "dt_bias")):
+            continue
+        torch.nn.init.normal_(param, std=0.3)  # random weights, also where init left ones or zeros
+    with torch.no_grad():
+        layer.forget_gate.A_log.uniform_(0.0, 1.5)
+        layer.forget_gate.dt_bias.uniform_(-3.0, 1.0)
+    lengths = [100, 17, 5, 70, 9]
+    hidden = torch.randn(1, sum(lengths), 64)
+    cu = CuSeqlens.validate("cu", torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]))
+    reference = copy.deepcopy(layer)
+    assert install_varlen_layers(layer) == [type(layer).__name__]
+    mine = hidden.clone().requires_grad_()
+    out = layer(mine, **{BOUNDARIES_KWARG: Boundaries(cu, cu)})
+    theirs = hidden.clone().requires_grad_()
+    alone = torch.cat([reference(d) for d in theirs.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(out, alone, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(alone)
+    (out * grad).sum().backward()
+    (alone * grad).sum().backward()
+    assert_close_scaled("input gradient", mine.grad, theirs.grad)
+    for (name, p), (_, q) in zip(layer.named_parameters(), reference.named_parameters()):
+        assert_close_scaled(f"gradient of {name}", p.grad, q.grad)

@@ -2,9 +2,10 @@
 its decay at every document start, and the short convolutions in front of it never reach into the
 previous document.
 
-Layers: ``KimiLinearDeltaAttention`` (kimi_linear) and ``BailingHybridDeltaAttention``
-(bailing_hybrid), which share transformers' KDA scan (``chunk_kimi_delta_attention``) and differ
-only in their forget gate (their own submodule, called as it is) and their output gate.
+Layers: ``KimiLinearDeltaAttention`` (kimi_linear), ``BailingHybridDeltaAttention``
+(bailing_hybrid) and ``Glm5NextTextLinearAttention`` (glm5_next's text model), which share
+transformers' KDA scan (``chunk_kimi_delta_attention``) and differ only in their forget gate
+(their own submodule, called as it is) and their output gate.
 
 KDA is a gated delta rule with one decay per key channel: for each head, with ``q`` and ``k``
 l2-normalised and ``q`` scaled by ``1/sqrt(K)``,
@@ -92,7 +93,7 @@ def chunk_kda_varlen(
     # The token's document began before its chunk: it reads the state carried into the chunk.
     carries = (pos > index).to(torch.float32)  # (n, C)
     # Tokens of the chunk's last document: only they write the state carried out of it.
-    last_doc = same[:, :, -1].to(torch.float32)  # (n, C)
+    last_doc = same[:, :, -1]  # (n, C)
     keep_state = carries[:, -1]  # (n,): the carried state survives the chunk
 
     k_beta = k * b.unsqueeze(-1)
@@ -123,7 +124,9 @@ def chunk_kda_varlen(
         v_new = value_w[:, :, i] - k_cumdecay[:, :, i] @ state
         out[:, :, i] = inter + intra @ v_new
         g_last = g_i[:, :, -1:]
-        written = (k_i * (g_last - g_i).exp() * last_doc[i, :, None]).transpose(-1, -2) @ v_new
+        # Masked before exp: another document's decay, summed from its own start, may exceed g_last.
+        to_end = (g_last - g_i).masked_fill(~last_doc[i, :, None], float("-inf")).exp()
+        written = (k_i * to_end).transpose(-1, -2) @ v_new
         state = state * (g_last.transpose(-1, -2).exp() * keep_state[i]) + written
     out = out.reshape(1, heads, -1, v_dim)[:, :, :total]
     return out.transpose(1, 2).reshape(rows, length, heads, v_dim).to(dtype)

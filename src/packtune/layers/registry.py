@@ -11,9 +11,11 @@ import torch
 #: Layer class name -> ``"module:function"`` of its varlen form (imported when a model has the layer,
 #: so ``import packtune`` stays cheap). A new stateful layer kind is one function plus one row here.
 VARLEN_LAYERS: dict[str, str] = {
-    # Kimi delta attention (kimi_linear, bailing_hybrid) and MiniMax lightning attention (minimax).
+    # Kimi delta attention (kimi_linear, bailing_hybrid, glm5_next's text model) and MiniMax
+    # lightning attention (minimax).
     "KimiLinearDeltaAttention": "packtune.layers.kda:varlen_kda_forward",
     "BailingHybridDeltaAttention": "packtune.layers.kda:varlen_kda_forward",
+    "Glm5NextTextLinearAttention": "packtune.layers.kda:varlen_kda_forward",
     "MiniMaxLightningAttention": "packtune.layers.lightning:varlen_lightning_forward",
 }
 

@@ -114,20 +114,25 @@ def chunk_kda_varlen(
     value_w = attn @ v_beta
     k_cumdecay = (attn @ (k_beta * g_cum.exp())) * carries[:, :, None]
 
+    # Everything that does not read the carried state, for all chunks at once.
+    intra = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)  # decay is 0 above the diagonal and across documents
+    q_decayed = q * g_cum.exp() * carries[..., None]
+    g_last = g_cum[..., -1:, :]  # (1, heads, n, 1, K)
+    # Masked before exp: another document's decay, summed from its own start, may exceed g_last.
+    k_to_end = k * (g_last - g_cum).masked_fill(~last_doc[..., None], float("-inf")).exp()
+    state_decay = g_last.transpose(-1, -2).exp() * keep_state.view(1, 1, n, 1, 1)
+
+    # The scan over chunks; unbind (not indexing) so that backward does not fill a full-size
+    # gradient per chunk.
     state = q.new_zeros(1, heads, k_dim, v_dim)
-    out = torch.empty_like(value_w)
-    upper = ~causal
-    for i in range(n):
-        q_i, k_i, g_i = q[:, :, i], k[:, :, i], g_cum[:, :, i]
-        inter = ((q_i * g_i.exp()) @ state) * carries[i, :, None]
-        intra = (q_i.unsqueeze(-2) * k_i.unsqueeze(-3) * decay[:, :, i]).sum(-1).masked_fill(upper, 0)
-        v_new = value_w[:, :, i] - k_cumdecay[:, :, i] @ state
-        out[:, :, i] = inter + intra @ v_new
-        g_last = g_i[:, :, -1:]
-        # Masked before exp: another document's decay, summed from its own start, may exceed g_last.
-        to_end = (g_last - g_i).masked_fill(~last_doc[i, :, None], float("-inf")).exp()
-        written = (k_i * to_end).transpose(-1, -2) @ v_new
-        state = state * (g_last.transpose(-1, -2).exp() * keep_state[i]) + written
+    outs = []
+    for q_i, a_i, w_i, kc_i, ke_i, sd_i in zip(
+        *(x.unbind(2) for x in (q_decayed, intra, value_w, k_cumdecay, k_to_end, state_decay))
+    ):
+        v_new = w_i - kc_i @ state
+        outs.append(q_i @ state + a_i @ v_new)
+        state = state * sd_i + ke_i.transpose(-1, -2) @ v_new
+    out = torch.stack(outs, dim=2)
     out = out.reshape(1, heads, -1, v_dim)[:, :, :total]
     return out.transpose(1, 2).reshape(rows, length, heads, v_dim).to(dtype)
 

@@ -68,7 +68,8 @@ def assert_packed_equals_alone(
         for n in row:
             part = slice(start, start + n)
             alone = reference(input_ids=ids[r : r + 1, part], use_cache=False).logits
-            assert_close_scaled(f"logits of row {r} tokens {start}:{start + n}", logits[r : r + 1, part].detach(), alone.detach(), rtol)
+            where = f"logits of row {r} tokens {start}:{start + n}"
+            assert_close_scaled(where, logits[r : r + 1, part].detach(), alone.detach(), rtol)
             (alone * weights[r : r + 1, part]).sum().backward()
             start += n
     mine = dict(model.named_parameters())

@@ -12,7 +12,7 @@ from transformers.models.kimi_linear import modeling_kimi_linear as kimi
 
 from packed_vs_alone import assert_close_scaled, assert_packed_equals_alone, build
 from packtune.attention.varlen import CuSeqlens
-from packtune.layers import VARLEN_LAYERS
+from packtune.layers import VARLEN_LAYERS, install_varlen_layers
 from packtune.layers.kda import CHUNK_SIZE, chunk_kda_varlen, kda_scan
 from packtune.layers.segments import Segments
 
@@ -77,8 +77,14 @@ def _per_document(lengths, q, k, v, g, beta, chunk_size):
     return torch.cat(out, dim=1)
 
 
-def test_registered():
-    assert VARLEN_LAYERS["KimiLinearDeltaAttention"] == VARLEN_LAYERS["BailingHybridDeltaAttention"]
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_install_switches_the_kda_layers_only(model_type):
+    """The KDA mixer gets its varlen form; the MLA softmax attention beside it is not taken for one."""
+    model = build(model_type, **CONFIGS[model_type])
+    kind = {"kimi_linear": "KimiLinearDeltaAttention", "bailing_hybrid": "BailingHybridDeltaAttention"}[model_type]
+    assert install_varlen_layers(model) == [kind]
+    assert VARLEN_LAYERS[kind] == "packtune.layers.kda:varlen_kda_forward"
+    assert "forward" in vars(model.model.layers[0].self_attn) and "forward" not in vars(model.model.layers[1].self_attn)
 
 
 @pytest.mark.parametrize("model_type", list(CONFIGS))
@@ -208,7 +214,6 @@ def test_layer_packed_equals_its_forward_per_document(kind):
     """Each KDA layer class alone: the varlen form on a packed row against the class's own forward
     on each document (glm5_next's text model, whose other layers are sparse attention, included)."""
     from packtune.attention.hf import BOUNDARIES_KWARG, Boundaries
-    from packtune.layers.registry import install_varlen_layers
 
     torch.manual_seed(0)
     layer = LAYERS[kind](kind).float()

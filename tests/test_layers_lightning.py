@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from packed_vs_alone import assert_packed_equals_alone, build
 from packtune.attention.varlen import CuSeqlens
-from packtune.layers import VARLEN_LAYERS
+from packtune.layers import VARLEN_LAYERS, install_varlen_layers
 from packtune.layers.lightning import lightning_attention_varlen
 from packtune.layers.segments import Segments
 
@@ -74,8 +74,12 @@ def _per_document(lengths, q, k, v, slope):
     return torch.cat(out, dim=-2)
 
 
-def test_registered():
+def test_install_switches_the_lightning_layers():
+    model = build("minimax", **CONFIG)
+    assert install_varlen_layers(model) == ["MiniMaxLightningAttention"]
     assert VARLEN_LAYERS["MiniMaxLightningAttention"] == "packtune.layers.lightning:varlen_lightning_forward"
+    switched = ["forward" in vars(layer.self_attn) for layer in model.model.layers]
+    assert switched == [True, False, True]
 
 
 def test_model_packed_equals_documents_alone():

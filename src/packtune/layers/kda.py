@@ -98,7 +98,9 @@ def chunk_kda_varlen(
 
     k_beta = k * b.unsqueeze(-1)
     v_beta = v * b.unsqueeze(-1)
-    q, k, v, gg, k_beta, v_beta = (x.reshape(1, heads, n, chunk_size, x.shape[-1]) for x in (q, k, v, gg, k_beta, v_beta))
+    q, k, v, gg, k_beta, v_beta = (
+        x.reshape(1, heads, n, chunk_size, x.shape[-1]) for x in (q, k, v, gg, k_beta, v_beta)
+    )
     # Decay summed from the document's own start (or from the chunk start for a document that
     # began before it), as a masked sum rather than a cumsum minus an offset: no cancellation.
     g_cum = seen.to(torch.float32) @ gg  # (1, heads, n, C, K)

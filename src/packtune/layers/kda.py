@@ -21,6 +21,7 @@ state, and only the chunk's last document writes it. On CUDA with flash-linear-a
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -34,12 +35,13 @@ CHUNK_SIZE = 64
 
 @functools.lru_cache(maxsize=1)
 def _fla_chunk_kda():
-    """flash-linear-attention's ``chunk_kda`` (CUDA), or ``None`` when the package is missing."""
+    """flash-linear-attention's ``chunk_kda`` (CUDA) and whether it takes ``cu_seqlens_cpu``, or
+    ``None`` when the package is missing."""
     try:
         from fla.ops.kda import chunk_kda
     except ImportError:
         return None
-    return chunk_kda
+    return chunk_kda, "cu_seqlens_cpu" in inspect.signature(chunk_kda).parameters
 
 
 def _l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -149,11 +151,14 @@ def kda_scan(
 ) -> torch.Tensor:
     """KDA with l2-normalised q/k over packed rows (shapes as ``chunk_kda_varlen``): fla's
     ``chunk_kda`` with ``cu_seqlens`` on CUDA when installed, the PyTorch chunked form elsewhere."""
-    kernel = _fla_chunk_kda() if query.is_cuda else None
-    if kernel is None:
+    fla = _fla_chunk_kda() if query.is_cuda else None
+    if fla is None:
         return chunk_kda_varlen(query, key, value, g, beta, seg)
+    kernel, takes_host_copy = fla
     rows, length = query.shape[:2]
     flat = [x.reshape(1, rows * length, *x.shape[2:]) for x in (query, key, value, g, beta)]
+    # The boundaries' host copy, where fla takes one, spares it reading the device tensor back.
+    host = {"cu_seqlens_cpu": torch.tensor(seg.cu.host, dtype=torch.long)} if takes_host_copy else {}
     out, _ = kernel(
         flat[0],
         flat[1],
@@ -162,6 +167,7 @@ def kda_scan(
         beta=flat[4],
         use_qk_l2norm_in_kernel=True,
         cu_seqlens=seg.cu.tensor.long(),
+        **host,
     )
     return out.reshape(rows, length, *out.shape[2:])
 

@@ -118,8 +118,9 @@ def chunk_kda_varlen(
     value_w = attn @ v_beta
     k_cumdecay = (attn @ (k_beta * g_cum.exp())) * carries[:, :, None]
 
-    # Everything that does not read the carried state, for all chunks at once.
-    intra = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)  # decay is 0 above the diagonal and across documents
+    # Everything that does not read the carried state, for all chunks at once (``decay`` is 0
+    # above the diagonal and across documents).
+    intra = (q.unsqueeze(-2) * k.unsqueeze(-3) * decay).sum(-1)
     q_decayed = q * g_cum.exp() * carries[..., None]
     g_last = g_cum[..., -1:, :]  # (1, heads, n, 1, K)
     # Masked before exp: another document's decay, summed from its own start, may exceed g_last.

@@ -25,6 +25,12 @@ VARLEN_LAYERS: dict[str, str] = {
     "MambaForCausalLM": "packtune.layers.mamba1:mamba_lm_forward",
     "FalconMambaForCausalLM": "packtune.layers.mamba1:mamba_lm_forward",
     "ZambaMambaMixer": "packtune.layers.mamba1:zamba_mixer_forward",
+    # Kimi delta attention (kimi_linear, bailing_hybrid, glm5_next's text model) and MiniMax
+    # lightning attention (minimax).
+    "KimiLinearDeltaAttention": "packtune.layers.kda:varlen_kda_forward",
+    "BailingHybridDeltaAttention": "packtune.layers.kda:varlen_kda_forward",
+    "Glm5NextTextLinearAttention": "packtune.layers.kda:varlen_kda_forward",
+    "MiniMaxLightningAttention": "packtune.layers.lightning:varlen_lightning_forward",
 }
 
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
@@ -35,6 +41,9 @@ _STATEFUL_NAME = re.compile(
 #: Names of wrappers and leaves that merely contain or sit beside a stateful mixer (a model, a
 #: decoder block, a norm, an MLP): the mixer inside is the layer to name.
 _WRAPPER_NAME = re.compile(r"(Norm|Block|DecoderLayer|Layer|Model|ForCausalLM|FeedForward|Mlp|MLP)$")
+#: Softmax attention (through ``AttentionInterface``, kept exact by varlen attention) named like a
+#: linear-attention mixer: Kimi Linear's MLA layers.
+_PLAIN_ATTENTION = frozenset({"KimiLinearAttention"})
 #: Parameters that only state-space / decay layers have.
 _STATEFUL_PARAMS = ("A_log", "dt_bias")
 
@@ -67,6 +76,8 @@ def looks_stateful(module: torch.nn.Module) -> bool:
     if any(name in own for name in _STATEFUL_PARAMS):
         return True
     name = type(module).__name__
+    if name in _PLAIN_ATTENTION:
+        return False
     return bool(_STATEFUL_NAME.search(name)) and not _WRAPPER_NAME.search(name)
 
 

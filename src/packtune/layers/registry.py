@@ -12,6 +12,16 @@ import torch
 #: so ``import packtune`` stays cheap). A new stateful layer kind is one function plus one row here.
 VARLEN_LAYERS: dict[str, str] = {}
 
+# Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
+# indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
+VARLEN_LAYERS.update({
+    name: "packtune.layers.masked:mask_reading_attention_forward"
+    for name in (
+        "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
+        "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
+    )
+})
+
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
 _STATEFUL_NAME = re.compile(
     r"Mamba|Mixer|DeltaNet|DeltaAttention|LinearAttention|ShortConv|Lightning|Recurrent|Rwkv|RWKV|"

@@ -42,6 +42,10 @@ ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
 #: The keyword that carries a forward's validated ``Boundaries`` to every attention layer.
 BOUNDARIES_KWARG = "packtune_boundaries"
+#: A ``(rows, len)`` factor for each query token, set by a layer's varlen form where the layer
+#: scaled its queries from a position over the whole row (Llama 4's NoPE temperature tuning):
+#: the ratio of the per-document scale to the one applied.
+QUERY_SCALE_KWARG = "packtune_query_scale"
 
 #: Attention keywords that transformers routinely passes and that change nothing packtune must
 #: honour: boundaries packtune reads itself, flags it checks, bookkeeping for the model's own code.
@@ -244,6 +248,7 @@ def packtune_attention_forward(
     s_aux: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
     indices: torch.Tensor | None = None,
+    packtune_query_scale: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``(rows, heads, len, dim)`` in, ``(rows, len, heads, dim)`` out.
@@ -256,6 +261,8 @@ def packtune_attention_forward(
     if kwargs.get("output_attentions"):
         raise NotImplementedError("packtune_varlen cannot return attention weights; use attn_implementation='eager'")
     refuse_unknown_keywords(kwargs)
+    if packtune_query_scale is not None:
+        query = query * packtune_query_scale.view(query.shape[0], 1, query.shape[2], 1).to(query.dtype)
     query, key, value = _common_dtype(query, key, value)
     rows, heads, tq, dim = query.shape
     tk = key.shape[2]

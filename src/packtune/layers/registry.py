@@ -21,6 +21,8 @@ VARLEN_LAYERS.update({
         "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
     )
 })
+# Llama 4: chunked attention and NoPE temperature tuning counted per document.
+VARLEN_LAYERS["Llama4TextAttention"] = "packtune.layers.llama4:llama4_attention_forward"
 
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
 _STATEFUL_NAME = re.compile(

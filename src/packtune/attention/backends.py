@@ -73,6 +73,9 @@ def unsupported(name: str, req) -> str | None:
         if req.return_lse:
             return "the sdpa backend cannot return the log-sum-exp (return_attn_probs); use backend='eager'"
         return None
+    if req.sinks:
+        kernel = "flash-attn's flash_attn_varlen_func" if name == "flash_attn" else "torch's varlen_attn"
+        return f"{kernel} has no attention sinks; backend='sdpa' (or 'eager') runs them exactly"
     if req.device_type != "cuda":
         return f"the {name} backend runs only on CUDA tensors, these are on {req.device_type}"
     if req.dtype not in HALF:
@@ -91,17 +94,13 @@ def unsupported(name: str, req) -> str | None:
             return "flash-attn is not installed (pip install 'packtune[flash]' on a CUDA machine)"
         if req.softcap > 0 and req.dropout_p > 0:
             return "flash-attn cannot combine softcap with dropout"
-        if req.sinks:
-            return "flash-attn's flash_attn_varlen_func has no attention sinks; backend='sdpa' runs them"
         return None
     if name == "torch":
         found = _torch_varlen()
         if found is None:
             return f"torch {torch.__version__} has no torch.nn.attention.varlen (needs torch >= 2.10)"
         params = found[1]
-        features = ((req.dropout_p > 0, "dropout"), (req.softcap > 0, "softcap"), (req.alibi, "ALiBi"),
-                    (req.sinks, "attention sinks"))
-        for flag, what in features:
+        for flag, what in ((req.dropout_p > 0, "dropout"), (req.softcap > 0, "softcap"), (req.alibi, "ALiBi")):
             if flag:
                 return f"torch's varlen_attn has no {what}"
         if req.deterministic and req.needs_grad:

@@ -57,8 +57,14 @@ def tiny(model_type: str, reference_attn: str = "eager", seed: int = 0, **overri
 
 
 def documents(vocab: int, lengths, seed: int = 0):
+    """Random documents; no token repeats when the vocabulary allows it (a top-k selection over
+    equal scores of repeated tokens breaks ties by slot, which differs packed and alone)."""
     gen = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
+    if vocab - 3 >= sum(lengths):
+        tokens = (torch.randperm(vocab - 3, generator=gen)[: sum(lengths)] + 3).split(list(lengths))
+        ids = list(tokens)
+    else:
+        ids = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
     targets = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
     return ids, targets
 

@@ -297,5 +297,5 @@ def varlen_attn_func(
         scale,
         request,
         alibi_slopes,
-        sinks,
+        sinks=sinks,
     )

@@ -55,7 +55,7 @@ ROUTINE_KWARGS = frozenset({
     "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
     "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
     "use_cache", "cache_position", "past_key_values", "cache", "return_dict", "layer_idx",
-    "target_dtype", "deterministic", BOUNDARIES_KWARG, SP_KWARG,
+    "target_dtype", "deterministic", "logits_to_keep", BOUNDARIES_KWARG, SP_KWARG,
 })
 
 

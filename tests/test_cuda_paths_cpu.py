@@ -38,10 +38,10 @@ def kernel_calls(monkeypatch):
     calls = []
     real = backends.run
 
-    def recording(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest):
+    def recording(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest, **kwargs):
         calls.append(types.SimpleNamespace(name=name, dtype=q.dtype, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
                                            alibi=rest[-1], q=q))
-        return real(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest)
+        return real(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest, **kwargs)
 
     monkeypatch.setattr(backends, "run", recording)
     return calls

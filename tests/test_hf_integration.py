@@ -216,10 +216,14 @@ def test_output_attentions_raises():
         model(input_ids=torch.randint(3, 128, (1, 6)), output_attentions=True)
 
 
-def test_attention_sinks_raise():
+@pytest.mark.parametrize("backend", ["flash_attn", "torch"])
+def test_attention_sinks_refused_by_kernels_without_them(backend):
+    """Sinks are exact on sdpa/eager (tests/test_attention_sinks.py); the flash kernels say no."""
+    module = _module()
+    module.config.packtune_attn_backend = backend
     q = torch.randn(1, 4, 3, 8)
     with pytest.raises(NotImplementedError, match="attention sinks"):
-        packtune_attention_forward(_module(), q, q, q, None, scaling=0.3, s_aux=torch.zeros(4))
+        packtune_attention_forward(module, q, q, q, None, scaling=0.3, s_aux=torch.zeros(4))
 
 
 def test_two_dimensional_mask_reaching_attention_is_refused():

@@ -3,8 +3,9 @@
 * ``flash_attn``: ``flash_attn.flash_attn_varlen_func`` (CUDA, fp16/bf16, flash-attn installed).
 * ``torch``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.10).
 * ``sdpa``: documents grouped into a few padded ``scaled_dot_product_attention`` calls
-  (``buckets.py``); any device, every feature but returning the log-sum-exp. Soft-capping and
-  ALiBi, which SDPA cannot express, run through the same buckets in batched math.
+  (``buckets.py``); any device, every feature but returning the log-sum-exp. Soft-capping,
+  ALiBi and attention sinks, which SDPA cannot express, run through the same buckets in
+  batched math.
 * ``eager``: a per-document loop of plain math in fp32: the reference, supports everything.
 
 ``unsupported(name, request)`` says why a backend cannot run a request (``None`` if it can);
@@ -72,6 +73,9 @@ def unsupported(name: str, req) -> str | None:
         if req.return_lse:
             return "the sdpa backend cannot return the log-sum-exp (return_attn_probs); use backend='eager'"
         return None
+    if req.sinks:
+        kernel = "flash-attn's flash_attn_varlen_func" if name == "flash_attn" else "torch's varlen_attn"
+        return f"{kernel} has no attention sinks; backend='sdpa' (or 'eager') runs them exactly"
     if req.device_type != "cuda":
         return f"the {name} backend runs only on CUDA tensors, these are on {req.device_type}"
     if req.dtype not in HALF:
@@ -126,11 +130,11 @@ def choose(req, backend: str) -> str:
     raise NotImplementedError("no attention backend supports this call: " + "; ".join(reasons))
 
 
-def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, scale, req, alibi):
+def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, scale, req, alibi, sinks=None):
     if name == "eager":
-        return _eager(q, k, v, cu_q, cu_k, scale, req, alibi)
+        return _eager(q, k, v, cu_q, cu_k, scale, req, alibi, sinks)
     if name == "sdpa":
-        return _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi)
+        return _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi, sinks)
     if name == "torch":
         return _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req)
     return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi)
@@ -159,7 +163,23 @@ def _doc_slopes(alibi: torch.Tensor | None, d: int) -> torch.Tensor | None:
     return alibi[d] if alibi.dim() == 2 else alibi
 
 
-def _eager(q, k, v, cu_q, cu_k, scale, req, alibi):
+def _softmax_with_sink(s: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax of scores ``s`` (..., lk) whose denominator also holds ``exp(sink)`` (..., 1),
+    a logit with no value behind it (``None``: a plain softmax). fp32 in, fp32 out."""
+    if sink is None:
+        return torch.softmax(s, dim=-1)
+    return torch.softmax(torch.cat([s, sink.float().expand(*s.shape[:-1], 1)], dim=-1), dim=-1)[..., :-1]
+
+
+def _doc_sink(sinks: torch.Tensor | None, qs: int, qe: int) -> torch.Tensor | None:
+    """The ``(heads, rows, 1)`` sink logits of query rows ``qs:qe`` (``sinks`` is ``(heads,)``
+    or ``(total_q, heads)``)."""
+    if sinks is None:
+        return None
+    return sinks.view(-1, 1, 1) if sinks.dim() == 1 else sinks[qs:qe].t().unsqueeze(-1)
+
+
+def _eager(q, k, v, cu_q, cu_k, scale, req, alibi, sinks=None):
     """Reference: one document at a time, fp32 math (autocast off), every feature."""
     heads, groups = q.shape[1], q.shape[1] // k.shape[1]
     outs, lses = [], []
@@ -184,10 +204,14 @@ def _eager(q, k, v, cu_q, cu_k, scale, req, alibi):
             allowed = allowed.to(q.device)
             s = s.masked_fill(~allowed, float("-inf"))
             seen = allowed.any(-1)
-            # flash-attn reports +inf as the log-sum-exp of a row that sees no key.
-            lse = torch.logsumexp(s, dim=-1).masked_fill(~seen.view(1, -1), float("inf"))
+            sink = _doc_sink(sinks, qs, qe)
+            if sink is None:
+                # flash-attn reports +inf as the log-sum-exp of a row that sees no key.
+                lse = torch.logsumexp(s, dim=-1).masked_fill(~seen.view(1, -1), float("inf"))
+            else:
+                lse = torch.logsumexp(torch.cat([s, sink.float().expand(-1, lq, 1)], dim=-1), dim=-1)
             # A row that sees no key would be NaN after softmax; flash-attn returns zeros there.
-            p = torch.softmax(s.masked_fill(~seen.view(1, -1, 1), 0.0), dim=-1) * seen.view(1, -1, 1)
+            p = _softmax_with_sink(s.masked_fill(~seen.view(1, -1, 1), 0.0), sink) * seen.view(1, -1, 1)
             if req.dropout_p > 0:
                 p = F.dropout(p, req.dropout_p)
             outs.append(torch.matmul(p, vi).transpose(0, 1).to(q.dtype))
@@ -242,7 +266,7 @@ def _block(t: torch.Tensor | None, docs: slice, rows: slice) -> torch.Tensor | N
     return t[docs if t.shape[0] > 1 else slice(None), :, rows if t.shape[2] > 1 else slice(None)]
 
 
-def _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, docs, rows):
+def _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, docs, rows, sink=None):
     """Math attention of documents ``docs`` and query rows ``rows``, fp32 with autocast off.
 
     ``bias`` is a tensor over all documents and rows, or a function ``(docs, rows) -> tensor``
@@ -263,19 +287,21 @@ def _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, docs, rows):
         mask = _block(mask, docs, rows)
         if mask is not None:
             s = s.masked_fill(~mask, float("-inf"))
-        p = torch.softmax(s, dim=-1)
+        p = _softmax_with_sink(s, _block(sink, docs, rows))
         if dropout_p > 0:
             p = F.dropout(p, dropout_p)
         out = torch.matmul(p.view(n, kv_heads, heads // kv_heads, lq, -1), vb.float().unsqueeze(2))
     return out.view(n, heads, lq, -1).to(q.dtype)
 
 
-def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, bias=None):
-    """Batched fp32 math attention for what SDPA cannot express (soft-capping, ALiBi).
+def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p: float = 0.0, bias=None,
+                   sink: torch.Tensor | None = None):
+    """Batched fp32 math attention for what SDPA cannot express (soft-capping, ALiBi, sinks).
 
     ``q`` ``(n, heads, lq, d)``, ``k``/``v`` ``(n, kv_heads, lk, d)`` (GQA without copying the
     keys), ``mask`` a boolean broadcastable to ``(n, heads, lq, lk)`` with no all-False row,
-    ``bias`` a tensor of that shape or a function ``(docs, rows) -> bias`` of a block.
+    ``bias`` a tensor of that shape or a function ``(docs, rows) -> bias`` of a block,
+    ``sink`` attention-sink logits broadcastable to ``(n, heads, lq, 1)``.
 
     Scores are fp32 with autocast off. At most ``MATH_BLOCK_ELEMENTS`` of them exist at once:
     larger inputs run in blocks of documents, and a document larger than a block in blocks of
@@ -285,7 +311,7 @@ def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p:
     n, heads, lq, _ = q.shape
     per_row = heads * k.shape[2]
     if n * lq * per_row <= MATH_BLOCK_ELEMENTS:
-        return _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, slice(None), slice(None))
+        return _math_block(q, k, v, mask, scale, softcap, dropout_p, bias, slice(None), slice(None), sink)
     docs_per_block = max(1, MATH_BLOCK_ELEMENTS // (lq * per_row))
     rows_per_block = lq if docs_per_block > 1 or lq * per_row <= MATH_BLOCK_ELEMENTS else max(1, MATH_BLOCK_ELEMENTS // per_row)
     recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -294,7 +320,7 @@ def math_attention(q, k, v, mask, scale: float, softcap: float = 0.0, dropout_p:
         docs = slice(d0, min(n, d0 + docs_per_block))
         parts = []
         for r0 in range(0, lq, rows_per_block):
-            args = (q, k, v, mask, scale, softcap, dropout_p, bias, docs, slice(r0, min(lq, r0 + rows_per_block)))
+            args = (q, k, v, mask, scale, softcap, dropout_p, bias, docs, slice(r0, min(lq, r0 + rows_per_block)), sink)
             if recompute:
                 # Dropout draws the same pattern again in the recomputation (the RNG state is kept).
                 parts.append(torch.utils.checkpoint.checkpoint(_math_block, *args, use_reentrant=False))
@@ -328,8 +354,8 @@ def sdpa_attention(q, k, v, mask, scale: float, dropout_p: float = 0.0, is_causa
         )
 
 
-def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
-    needs_math = req.softcap > 0 or alibi is not None
+def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi, sinks=None):
+    needs_math = req.softcap > 0 or alibi is not None or sinks is not None
     width = q.shape[1] * (q.shape[2] + v.shape[2])
     plan = plan_buckets(cu_q, cu_k, req.causal, req.window, width, needs_math)
     if not plan.buckets:
@@ -339,12 +365,21 @@ def _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi):
     qs = _gather(q, q_map).split([b.n * b.lq for b in plan.buckets])
     ks = _gather(k, k_map).split([b.n * b.lk for b in plan.buckets])
     vs = _gather(v, k_map).split([b.n * b.lk for b in plan.buckets])
+    per_token_sinks = sinks is not None and sinks.dim() == 2
+    if per_token_sinks:
+        # One sink per query row: it travels with its query through the same gather.
+        sink_parts = _gather(sinks, q_map).split([b.n * b.lq for b in plan.buckets])
     pieces = []
-    for b, mask, qp, kp, vp in zip(plan.buckets, masks, qs, ks, vs):
+    for i, (b, mask, qp, kp, vp) in enumerate(zip(plan.buckets, masks, qs, ks, vs)):
         qb, kb, vb = (x.view(b.n, -1, *x.shape[1:]).transpose(1, 2) for x in (qp, kp, vp))
         if needs_math:
             bias = _alibi_for_bucket(alibi, b, cu_q, cu_k) if alibi is not None else None
-            ob = math_attention(qb, kb, vb, mask, scale, req.softcap, req.dropout_p, bias)
+            sink = None
+            if per_token_sinks:
+                sink = sink_parts[i].view(b.n, b.lq, -1).transpose(1, 2).unsqueeze(-1)
+            elif sinks is not None:
+                sink = sinks.view(1, -1, 1, 1)
+            ob = math_attention(qb, kb, vb, mask, scale, req.softcap, req.dropout_p, bias, sink)
         else:
             ob = sdpa_attention(qb, kb, vb, mask, scale, req.dropout_p, b.is_causal, req.deterministic and req.needs_grad)
         # SDPA's output keeps the (n, lq, heads, dim) memory layout of its input: a free view.

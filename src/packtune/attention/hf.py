@@ -42,6 +42,21 @@ ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
 #: The keyword that carries a forward's validated ``Boundaries`` to every attention layer.
 BOUNDARIES_KWARG = "packtune_boundaries"
+#: A ``(rows, len)`` factor for each query token, set by a layer's varlen form where the layer
+#: scaled its queries from a position over the whole row (Llama 4's NoPE temperature tuning):
+#: the ratio of the per-document scale to the one applied.
+QUERY_SCALE_KWARG = "packtune_query_scale"
+
+#: Attention keywords that transformers routinely passes and that change nothing packtune must
+#: honour: boundaries packtune reads itself, flags it checks, bookkeeping for the model's own code.
+#: Any other keyword with a value (``position_bias``, ``indices`` without a mask, ``block_indices``,
+#: ...) is refused by name: an attention feature packtune ignored would train wrong in silence.
+ROUTINE_KWARGS = frozenset({
+    "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx",
+    "output_attentions", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "use_cache", "cache_position", "past_key_values", "cache", "return_dict", "layer_idx",
+    "target_dtype", "deterministic", "logits_to_keep", BOUNDARIES_KWARG, SP_KWARG,
+})
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,23 +118,84 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
-def _dense(query, key, value, mask, scaling, softcap, dropout, position_ids):
-    """Attention with a dense 4-D mask (padded batches, decoding); never on the training path."""
+def _dense(query, key, value, mask, scaling, softcap, dropout, docs, sinks=None, indices=None):
+    """Attention with a dense 4-D mask (padded batches, decoding, models whose own code builds
+    the mask); ``docs`` ``(rows, len)`` document index of each token (``None``: one per row).
+
+    A boolean mask says which keys each query sees. A float mask is additive (transformers'
+    eager convention): ``finfo.min`` or ``-inf`` rules a key out, any other value is a bias
+    added to the score (Doge's dynamic mask). ``indices`` ``(rows, tq, k)``: the only keys each
+    query may see (a sparse indexer's top-k), intersected with the mask.
+    """
     rows, heads, tq, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
+    bias = None
     if mask.dtype != torch.bool:
-        mask = mask == 0
-    if position_ids is not None and tq == key.shape[2]:
-        docs = _document_ids(position_ids, rows)
+        bias = mask
+        mask = (mask > torch.finfo(mask.dtype).min) & (mask != float("-inf"))
+        if not bool(bias.masked_fill(~mask, 0).any()):
+            bias = None  # a plain 0 / min mask: nothing to add
+    if docs is not None:
         mask = mask & (docs.unsqueeze(-1) == docs.unsqueeze(-2)).unsqueeze(1)
+    if indices is not None:
+        # (rows, tq, k) or (rows, heads, tq, k); a negative index marks an unused slot.
+        idx = indices.long() if indices.dim() == 4 else indices.long().unsqueeze(1)
+        chosen = torch.zeros(*idx.shape[:-1], key.shape[2], dtype=torch.int32, device=mask.device)
+        chosen.scatter_add_(-1, idx.clamp(min=0), (idx >= 0).int())
+        mask = mask & (chosen > 0)
     seen = mask.any(-1, keepdim=True)
     mask = mask | ~seen
-    if softcap:
-        out = math_attention(query, key, value, mask, scaling, softcap, dropout)
+    if softcap or sinks is not None or bias is not None:
+        if bias is not None:
+            bias = bias.float().masked_fill(~mask, 0.0).expand(rows, heads, tq, key.shape[2])
+        out = math_attention(query, key, value, mask, scaling, softcap or 0.0, dropout, bias, sinks)
     else:
         out = sdpa_attention(query, key, value, mask, scaling, dropout)
     out = out * seen.to(out.dtype)
     return out.transpose(1, 2).contiguous()
+
+
+def _dense_documents(kwargs: dict, rows: int, tq: int, tk: int, position_ids) -> torch.Tensor | None:
+    """``(rows, tq)`` document index of each token for a dense mask: from the forward's validated
+    boundaries when the hook set them, else from restarting ``position_ids``; ``None`` when the
+    keys are not the queries' tokens (decoding against a cache)."""
+    if tq != tk:
+        return None
+    hooked = kwargs.get(BOUNDARIES_KWARG)
+    if isinstance(hooked, Boundaries) and hooked.q.total == rows * tq:
+        from packtune.layers.segments import Segments
+
+        return Segments.build(hooked.q, rows, tq).seq_idx.long()
+    if position_ids is not None and position_ids.shape[-1] == tq:
+        return _document_ids(position_ids, rows)
+    return None
+
+
+def _sinks(s_aux, sinks, rows: int, heads: int, tq: int):
+    """The attention-sink logits of a call: ``(heads,)`` (``s_aux``, gpt-oss) or per token
+    (``sinks`` ``(rows, heads, tq, 1)``), as ``(heads,)`` / ``(rows * tq, heads)`` for
+    ``varlen_attn_func`` and as a ``(rows or 1, heads, tq or 1, 1)`` tensor for the dense path."""
+    if s_aux is not None and sinks is not None:
+        raise NotImplementedError("packtune_varlen got both s_aux and sinks; a layer has one kind of attention sink")
+    if s_aux is not None:
+        if tuple(s_aux.shape) != (heads,):
+            raise NotImplementedError(f"packtune_varlen takes one sink per head (s_aux of shape ({heads},)), got {tuple(s_aux.shape)}")
+        return s_aux, s_aux.view(1, heads, 1, 1)
+    if sinks is not None:
+        if tuple(sinks.shape) != (rows, heads, tq, 1):
+            raise NotImplementedError(f"packtune_varlen takes sinks of shape ({rows}, {heads}, {tq}, 1), got {tuple(sinks.shape)}")
+        return sinks.squeeze(-1).transpose(1, 2).reshape(rows * tq, heads), sinks
+    return None, None
+
+
+def refuse_unknown_keywords(kwargs: dict) -> None:
+    """Raise ``NotImplementedError`` naming every attention keyword packtune would ignore."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in ROUTINE_KWARGS and v is not None and v is not False)
+    if unknown:
+        raise NotImplementedError(
+            f"packtune_varlen does not honour the attention keyword(s) {', '.join(unknown)}; "
+            "refusing rather than ignoring them. Set use_varlen_attn = False and pack_to_max_length = False"
+        )
 
 
 def _common_dtype(query, key, value):
@@ -170,26 +246,51 @@ def packtune_attention_forward(
     softcap: float | None = None,
     is_causal: bool | None = None,
     s_aux: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    indices: torch.Tensor | None = None,
+    packtune_query_scale: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """transformers attention function: ``(rows, heads, len, dim)`` in, ``(rows, len, heads, dim)`` out."""
-    if s_aux is not None:
-        raise NotImplementedError("packtune_varlen does not support attention sinks (s_aux); use another attn_implementation")
+    """transformers attention function: ``(rows, heads, len, dim)`` in, ``(rows, len, heads, dim)`` out.
+
+    ``s_aux`` (one sink logit per head, gpt-oss) and ``sinks`` (one per query token and head)
+    are attention sinks, exact. ``indices`` (a sparse indexer's top-k keys per query) is honoured
+    on the dense-mask path, where the model's own code built the mask. Any other keyword that
+    carries a value and is not routine bookkeeping is refused by name (``ROUTINE_KWARGS``).
+    """
     if kwargs.get("output_attentions"):
         raise NotImplementedError("packtune_varlen cannot return attention weights; use attn_implementation='eager'")
-    causal = module.is_causal if is_causal is None else is_causal
+    refuse_unknown_keywords(kwargs)
+    if packtune_query_scale is not None:
+        query = query * packtune_query_scale.view(query.shape[0], 1, query.shape[2], 1).to(query.dtype)
     query, key, value = _common_dtype(query, key, value)
     rows, heads, tq, dim = query.shape
     tk = key.shape[2]
     position_ids = kwargs.get("position_ids")
     sp = kwargs.get(SP_KWARG)
+    flat_sinks, dense_sinks = _sinks(s_aux, sinks, rows, heads, tq)
     if attention_mask is not None:
         if sp is not None:
             raise NotImplementedError("packtune_varlen: sequence parallelism takes packed rows without an attention mask")
         if attention_mask.dim() != 4:
             raise ValueError(f"packtune_varlen expects a 4-D mask or None, got shape {tuple(attention_mask.shape)}")
-        return _dense(query, key, value, attention_mask, scaling, softcap, dropout, position_ids), None
+        docs = _dense_documents(kwargs, rows, tq, tk, position_ids)
+        out = _dense(query, key, value, attention_mask, scaling, softcap, dropout, docs, dense_sinks, indices)
+        return out, None
+    if indices is not None:
+        raise NotImplementedError(
+            f"packtune_varlen: {type(module).__name__} passes sparse attention indices without a mask; "
+            "its varlen form must hand it the documents' mask (packtune.layers.VARLEN_LAYERS)"
+        )
+    if is_causal is None and not hasattr(module, "is_causal"):
+        raise NotImplementedError(
+            f"packtune_varlen: {type(module).__name__} gives no attention mask and no is_causal; "
+            "its own code must build the mask (packtune.layers.VARLEN_LAYERS)"
+        )
+    causal = module.is_causal if is_causal is None else is_causal
 
+    if sp is not None and flat_sinks is not None:
+        raise NotImplementedError("packtune_varlen: sequence parallelism cannot run attention sinks yet; set sequence_parallel_size = 1")
     if sp is not None:
         # Sequence parallelism: this rank holds a shard of one row; attention runs over the
         # whole row (the context's validated boundaries) between two all-to-alls.
@@ -209,6 +310,7 @@ def packtune_attention_forward(
         causal=causal,
         window_size=_window(sliding_window, causal),
         softcap=float(softcap or 0.0),
+        sinks=flat_sinks,
         backend=getattr(module.config, BACKEND_ATTR, "auto"),
     )
     return out.view(rows, tq, heads, value.shape[-1]), None

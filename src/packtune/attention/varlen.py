@@ -33,6 +33,10 @@ Semantics follow ``flash_attn.flash_attn_varlen_func`` exactly:
 * ``alibi_slopes`` ``(heads,)`` or ``(batch, heads)``: ``-slope * |i + Lk - Lq - j|`` is added.
 * A query row that may see no key at all gets an output of zeros.
 * GQA/MQA: ``heads`` must be a multiple of ``kv_heads``. ``v`` may have its own head_dim.
+* ``sinks`` ``(heads,)`` or ``(total_q, heads)``: an attention sink (gpt-oss), one more logit
+  in each query's softmax denominator with no value behind it: the output is
+  ``sum_j exp(s_j) v_j / (exp(sink) + sum_j exp(s_j))``, and ``sinks`` gets its gradient.
+  flash-attn and torch's ``varlen_attn`` take no sinks; ``sdpa`` and ``eager`` run them exactly.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class AttnRequest:
     gqa: bool
     needs_grad: bool
     deterministic: bool = False
+    sinks: bool = False
     device_index: int | None = None  # the CUDA device (its compute capability); None: the current one
 
 
@@ -151,7 +156,7 @@ def _boundaries(name: str, cu, total: int, device: torch.device) -> CuSeqlens:
     return cu.to(device)
 
 
-def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes):
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a 3-D tensor (total_tokens, heads, head_dim), got shape {tuple(getattr(t, 'shape', ()))}")
@@ -177,6 +182,12 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, a
         heads = q.shape[1]
         if tuple(alibi_slopes.shape) not in ((heads,), (cu_q.documents, heads)):
             raise ValueError(f"alibi_slopes must have shape ({heads},) or ({cu_q.documents}, {heads}), got {tuple(alibi_slopes.shape)}")
+    if sinks is not None:
+        heads = q.shape[1]
+        if not isinstance(sinks, torch.Tensor) or tuple(sinks.shape) not in ((heads,), (q.shape[0], heads)):
+            raise ValueError(f"sinks must have shape ({heads},) or ({q.shape[0]}, {heads}), got {tuple(getattr(sinks, 'shape', ()))}")
+        if not sinks.is_floating_point():
+            raise ValueError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
     return cu_q, cu_k
 
 
@@ -197,6 +208,7 @@ def varlen_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     *,
+    sinks: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, None]:
     """Attention over documents packed end to end, with ``flash_attn_varlen_func``'s signature.
@@ -220,7 +232,12 @@ def varlen_attn_func(
             ``sdpa`` backend then uses SDPA's math kernel on CUDA; the ``torch`` backend refuses
             it when gradients are needed. The CPU paths are always deterministic.
         return_attn_probs: also return the log-sum-exp ``(heads, total_q)`` (flash-attn's second
-            output); the third output (the dropout pattern) is always ``None``.
+            output; with ``sinks``, of the whole denominator, sink included); the third output
+            (the dropout pattern) is always ``None``.
+        sinks: optional attention-sink logits, ``(heads,)`` (one per head, gpt-oss) or
+            ``(total_q, heads)`` (one per query and head): an extra logit in each query's
+            softmax denominator, with its gradient. Only the ``sdpa`` and ``eager`` backends
+            take them (exactly, in fp32).
         backend: ``"auto"`` (best available for the request), ``"flash_attn"``, ``"torch"``,
             ``"sdpa"`` or ``"eager"``. A backend that cannot run the request raises
             ``NotImplementedError`` saying why; nothing is ever approximated.
@@ -241,7 +258,9 @@ def varlen_attn_func(
     if softcap < 0:
         raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap}")
     window = _as_window(window_size)
-    cu_q, cu_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes)
+    cu_q, cu_k = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, sinks)
+    if sinks is not None:
+        sinks = sinks.to(q.device)
     if alibi_slopes is not None:
         # flash-attn requires fp32 slopes on q's device; the math paths add them in fp32 there too.
         alibi_slopes = alibi_slopes.to(device=q.device, dtype=torch.float32)
@@ -258,8 +277,9 @@ def varlen_attn_func(
         head_dim=q.shape[-1],
         v_head_dim=v.shape[-1],
         gqa=q.shape[1] != k.shape[1],
-        needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        needs_grad=torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, sinks)),
         deterministic=bool(deterministic),
+        sinks=sinks is not None,
         device_index=q.device.index,
     )
     name = _backends.choose(request, backend)
@@ -277,4 +297,5 @@ def varlen_attn_func(
         scale,
         request,
         alibi_slopes,
+        sinks=sinks,
     )

@@ -18,17 +18,21 @@ calls the class's own forward when there are none (decoding with a cache, padded
 from __future__ import annotations
 
 from packtune.layers.registry import (
+    REFUSED_LAYERS,
     VARLEN_LAYERS,
     StatefulLayerError,
+    UnsupportedLayerError,
     install_varlen_layers,
     looks_stateful,
 )
 from packtune.layers.segments import Segments, segments_of
 
 __all__ = [
+    "REFUSED_LAYERS",
     "VARLEN_LAYERS",
     "Segments",
     "StatefulLayerError",
+    "UnsupportedLayerError",
     "install_varlen_layers",
     "looks_stateful",
     "segments_of",

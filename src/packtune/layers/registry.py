@@ -33,6 +33,26 @@ VARLEN_LAYERS: dict[str, str] = {
     "MiniMaxLightningAttention": "packtune.layers.lightning:varlen_lightning_forward",
 }
 
+# Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
+# indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
+VARLEN_LAYERS.update({
+    name: "packtune.layers.masked:mask_reading_attention_forward"
+    for name in (
+        "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
+        "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
+    )
+})
+# Llama 4: chunked attention and NoPE temperature tuning counted per document.
+VARLEN_LAYERS["Llama4TextAttention"] = "packtune.layers.llama4:llama4_attention_forward"
+
+#: Layer class name -> ``"module:function"`` of ``fn(module) -> str | None``: why packtune cannot
+#: make that layer exact on a packed row (``None``: this instance is fine). ``enable_varlen``
+#: refuses such a model in one line naming the layer, before anything trains.
+REFUSED_LAYERS: dict[str, str] = {
+    "DeepseekV4Attention": "packtune.layers.sparse:deepseek_v4_reason",
+    "MiniMaxM3VLAttention": "packtune.layers.sparse:minimax_m3_reason",
+}
+
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
 _STATEFUL_NAME = re.compile(
     r"Mamba|Mixer|DeltaNet|DeltaAttention|LinearAttention|ShortConv|Lightning|Recurrent|Rwkv|RWKV|"
@@ -50,6 +70,10 @@ _STATEFUL_PARAMS = ("A_log", "dt_bias")
 
 class StatefulLayerError(ValueError):
     """A layer keeps state across tokens and packtune has no varlen form of it."""
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer that packtune knows it cannot make exact on a packed row (``REFUSED_LAYERS``)."""
 
 
 def _is_time_conv(module: torch.nn.Module) -> bool:
@@ -91,16 +115,22 @@ def install_varlen_layers(model: torch.nn.Module) -> list[str]:
     """Give every layer of ``model`` with an entry in ``VARLEN_LAYERS`` its varlen form.
 
     Returns the class names that were switched (each once, in model order). Raises
-    ``StatefulLayerError`` naming every stateful layer kind that has no varlen form; nothing is
-    switched then. Idempotent: a layer already switched is left as it is.
+    ``StatefulLayerError`` naming every stateful layer kind that has no varlen form, and
+    ``UnsupportedLayerError`` naming a layer in ``REFUSED_LAYERS``; nothing is switched then. Idempotent: a layer already switched is left as it is.
     """
     plan: list[tuple[torch.nn.Module, str]] = []
     unknown: dict[str, str] = {}
     covered: set[int] = set()
     for name, module in model.named_modules():
+        kind = type(module).__name__
+        reason = _resolve(REFUSED_LAYERS[kind])(module) if kind in REFUSED_LAYERS else None
+        if reason:
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} cannot train packed rows exactly: {kind} (at {name or 'the model'}) {reason}; "
+                "set use_varlen_attn = False and pack_to_max_length = False"
+            )
         if id(module) in covered:
             continue
-        kind = type(module).__name__
         if kind in VARLEN_LAYERS:
             plan.append((module, kind))
             covered.update(id(m) for m in module.modules())

@@ -244,8 +244,7 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
     model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.leak_check == "build")
     if construction.leak_check == "partitioned":  # ZeRO-3: loaded now; the engine adds only the optimizer
-        log.info("%s (%s): %s", "engine ready" if construction.leak_check == "partitioned" else "model built and loaded",
-             construction.how, peak_memory(env))
+        log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
         if settings.use_varlen_attn:
             construction.check_partitioned(model, dtype)
     _check_splittable(settings, env, model)

@@ -8,29 +8,26 @@ varlen, gradient checkpointing, LoRA):
 * **ZeRO-3** keeps transformers' own DeepSpeed integration switched on for the run (an
   ``HfDeepSpeedConfig`` kept alive, so ``is_deepspeed_zero3_enabled()`` holds): ``from_config``
   and ``from_pretrained`` construct under ``deepspeed.zero.Init``, each parameter partitioned
-  as it is created. That covers random init and every loader that goes through transformers.
-  A checkpoint in safetensors with the model's own tensor names is streamed instead (the
-  transformers loader holds the whole checkpoint on the main rank while it copies): the model
-  is built as a skeleton (see FSDP2 below), partitioned by ``zero.Init(module=...)`` (each
-  full parameter freed as soon as its partition exists), and ``StreamedWeights.load_zero3``
-  fills the partitions: every rank reads only the rows that hold its own partition of each
-  parameter, a block at a time.
+  as it is created. A checkpoint in safetensors (with the model's own tensor names, or a
+  ported family's original layout) is streamed instead: the model is built as a skeleton (see
+  FSDP2 below), partitioned (``partition_only``: ``zero.Init(module=...)`` without its
+  broadcast of every full parameter), and ``StreamedWeights.load_zero3`` fills the partitions:
+  every rank reads only the elements of its own partition, a block at a time.
 * **FSDP2** builds the base model on the meta device (accelerate's ``init_empty_weights``), then
   gives each parameter CPU memory that is allocated but never written (no resident pages), so
   that varlen, LoRA (whose adapters are real and seeded as usual) and gradient checkpointing
   apply as on a loaded model. ``fully_shard`` then writes each rank's shards only (and moves
-  them to the device), and ``StreamedWeights.load_into`` fills them: the main rank reads the
-  checkpoint tensor by tensor (safetensors ``safe_open``, memory-mapped, one file open at a
-  time) and ``set_model_state_dict(..., StateDictOptions(full_state_dict=True,
-  broadcast_from_rank0=True))`` sends each module's tensors to every rank, which keeps its
-  slice. No rank holds more than one module's full tensors beside its shards.
+  them to the device), and ``StreamedWeights.load_into`` fills them: each rank reads the rows
+  of its own shards from the files; nothing is broadcast.
 
-A model that cannot stream (random init under FSDP2, QLoRA, remote code, weights not in
-safetensors, checkpoint names that differ from the model's, such as the ported families') is
-built as before (whole on every rank under FSDP2; by transformers under ZeRO-3), and the log
-says why. The varlen leak check (``check_no_leak``) runs on the loaded weights, never on empty
-or partitioned ones: under ZeRO-3 before the engine, each module gathering its own weights
-while it runs (``gathered_while_running``); under FSDP2 through the engine's forward.
+A ported family (InternLM 1/2, Baichuan, ChatGLM2/3, Qwen-1) in its original layout is built
+as its native class (``packtune.ports``); its fused tensors are sliced at read time
+(``sharded_read``). A model that cannot stream (random init under FSDP2, QLoRA, remote code,
+weights not in safetensors, checkpoint names the model does not have) is built as before
+(whole on every rank under FSDP2; by transformers under ZeRO-3), and the log says why. The
+varlen leak check (``check_no_leak``) runs on the loaded weights, never on empty or partitioned
+ones: under ZeRO-3 before the engine, each module gathering its own weights while it runs
+(``gathered_while_running``); under FSDP2 through the engine's forward.
 """
 
 from __future__ import annotations

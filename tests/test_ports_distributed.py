@@ -1,8 +1,8 @@
 """A ported family trains the same under ZeRO-3 and FSDP2 on 2 processes as in 1 process.
 
 The checkpoint is a tiny InternLM2 in its original layout (interleaved ``wqkv``), loaded
-through ``packtune.load_model`` inside each engine's model construction (ZeRO-3 builds under
-``zero.Init``; FSDP2 falls back to a whole build for renamed keys). 2 processes x 1
+into each engine's sharded construction (each rank reads its own part of the original tensors,
+slicing the fused ``wqkv``; ``test_sharded_weights.py`` checks those weights bit for bit). 2 processes x 1
 accumulation step and 1 process x 2 take the same packs in every step, so the losses and the
 final weights agree.
 """

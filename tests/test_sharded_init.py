@@ -84,7 +84,7 @@ def test_checkpoints_that_cannot_stream_say_why(folder, tmp_path, caplog):
     env = DistEnv()
     caplog.set_level(logging.INFO, logger="packtune")
     files = _stream_source(_settings(folder), env, "FSDP2", "whole")
-    assert files is not None and len(set(files.values())) > 2 and "model.embed_tokens.weight" in files
+    assert files is not None and len({s.path for s in files.values()}) > 2 and "model.embed_tokens.weight" in files
 
     bin_folder = tmp_path / "bin"  # weights as pytorch_model.bin (transformers 5 writes only safetensors)
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -124,7 +124,7 @@ def test_fsdp_streamed_weights_equal_a_plain_load(folder, group_of_one, lora):
     from packtune.modeling import check_no_leak
     from packtune.recipe.engine_fsdp import FSDPEngine
     from packtune.recipe.model_setup import base_dtype, build_model
-    from packtune.recipe.sharded_init import StreamedWeights, checkpoint_files, hf_config, skeleton
+    from packtune.recipe.sharded_init import StreamedWeights, checkpoint_sources, hf_config, skeleton
 
     settings = _settings(folder, *(["lora={'r': 4}"] if lora else []), "gradient_checkpointing=True")
     env = group_of_one
@@ -132,7 +132,7 @@ def test_fsdp_streamed_weights_equal_a_plain_load(folder, group_of_one, lora):
     plain = build_model(settings, env.device, torch.float32)
     torch.manual_seed(settings.seed)
     base = skeleton(hf_config(settings), base_dtype(settings, torch.float32))
-    weights = StreamedWeights(base, checkpoint_files(folder))
+    weights = StreamedWeights(base, checkpoint_sources(folder))
     assert not weights.missing
     model = build_model(settings, env.device, torch.float32, base=base, leak_check=False)
     engine = FSDPEngine(model, env, settings, total_steps=2, compute_dtype=torch.float32, weights=weights)
@@ -148,19 +148,23 @@ def test_fsdp_streamed_weights_equal_a_plain_load(folder, group_of_one, lora):
 def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
     """Each rank's block-wise read of its ZeRO-3 partition (``ds_tensor``: elements
     ``[r * P, (r + 1) * P)`` of the flattened tensor, the last padded), for shapes and rank
-    counts that do not divide evenly and blocks smaller than a partition: together, the tensor."""
+    counts that do not divide evenly and blocks smaller than a partition: together, the tensor.
+    The same for a part of a fused tensor (rows picked out of order, as InternLM2's ``wqkv``)."""
     deepspeed = pytest.importorskip("deepspeed")
     from types import SimpleNamespace
 
     from safetensors.torch import save_file
 
-    from packtune.recipe.sharded_init import _read_partition
+    from packtune.recipe.sharded_read import Source, read_partition
 
     tensors = {"w": torch.arange(7 * 13, dtype=torch.float32).reshape(7, 13), "v": torch.arange(10, dtype=torch.float32),
                "one": torch.tensor([3.0])}
     path = str(tmp_path / "t.safetensors")
     save_file(tensors, path)
-    for key, tensor in tensors.items():
+    rows = torch.tensor([5, 6, 0, 1, 3])  # a fused part: runs of original rows
+    cases = [(Source(path, k, tuple(t.shape)), t) for k, t in tensors.items()]
+    cases.append((Source(path, "w", (7, 13), rows), tensors["w"][rows]))
+    for source, tensor in cases:
         for world in (1, 2, 3, 4):
             size = -(-tensor.numel() // world)
             parts = []
@@ -168,10 +172,10 @@ def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
                 monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None, r=rank: r)
                 param = SimpleNamespace(ds_tensor=torch.full((size,), -1.0), ds_numel=tensor.numel(), ds_shape=tensor.shape,
                                         ds_process_group=None)
-                _read_partition(param, path, key, block_bytes=3 * 4)  # blocks of a few rows
+                read_partition(param, source, block_bytes=3 * 4)  # blocks of a few rows
                 parts.append(param.ds_tensor)
             flat = torch.cat(parts)
-            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (key, world)
+            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (source.key, world)
             assert not flat[tensor.numel():].any(), "the padding is zero"
 
 

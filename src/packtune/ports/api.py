@@ -63,14 +63,47 @@ def _resolve_dtype(dtype, state: dict[str, torch.Tensor]) -> torch.dtype:
     return getattr(torch, str(dtype))
 
 
+def native_config(cfg: dict, port: Port, folder: str, fmt: str):
+    """The native config of original-layout checkpoint ``cfg`` in ``folder`` (weights in format
+    ``fmt``), carrying its ``packtune_port`` record (so it saves back as the original)."""
+    native_cfg = port.native_config(cfg)
+    setattr(native_cfg, META, {"family": port.family, "config": cfg, "weights": fmt, "source": os.path.abspath(folder)})
+    return native_cfg
+
+
+def original_layout(name_or_path: str | os.PathLike) -> tuple[Port, dict] | None:
+    """``(port, config.json)`` of a local checkpoint folder in a ported family's original
+    layout; None for any other model (or a folder packtune saved in the native layout)."""
+    name_or_path = str(name_or_path)
+    if not os.path.isdir(name_or_path):
+        return None
+    cfg, _ = _config_dict(name_or_path, {})
+    port = find_port(cfg) if cfg is not None else None
+    return (port, cfg) if port is not None and META not in cfg else None
+
+
+def prepare_ported(model: torch.nn.Module) -> torch.nn.Module:
+    """What a ported family's native model adds to its class (Baichuan2's ``NormHead``, the
+    long-context warning), from the ``packtune_port`` record of its config; other models pass."""
+    port, meta = port_of(model)
+    if port is None:
+        return model
+    if port.norm_head:
+        install_norm_head(model)
+    limit = port.long_context(meta["config"])
+    if limit:
+        _say_long_context(model, limit, port.label)
+    return model
+
+
 def _load_original(name_or_path: str, folder: str | None, cfg: dict, port: Port, dtype, kwargs: dict):
     """A ported checkpoint in its original layout -> its native class with converted weights."""
     from transformers import AutoModelForCausalLM
 
-    native_cfg = port.native_config(cfg)  # refuses an unsupported variant before any download
+    port.native_config(cfg)  # refuses an unsupported variant before any download
     folder = folder or files.hub_folder(name_or_path, **kwargs)
     state, fmt = files.read_weights(folder)
-    setattr(native_cfg, META, {"family": port.family, "config": cfg, "weights": fmt, "source": os.path.abspath(folder)})
+    native_cfg = native_config(cfg, port, folder, fmt)
     native_state = port.layout(cfg).to_native(state)
     del state
     model_class = AutoModelForCausalLM._model_mapping[type(native_cfg)]
@@ -137,11 +170,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = to
             kwargs = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}  # native: no remote code
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, **kwargs)
     if port is not None:
-        if port.norm_head:
-            install_norm_head(model)
-        limit = port.long_context(getattr(model.config, META)["config"])
-        if limit:
-            _say_long_context(model, limit, port.label)
+        prepare_ported(model)
     if varlen:
         enable_varlen(model)
     for cfg_ in model_configs(model):

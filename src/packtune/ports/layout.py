@@ -97,6 +97,24 @@ class Layout:
                 return {_fill(native, m.groupdict()): tensor}
         raise PortError(f"{self.family} checkpoint has a tensor packtune does not know: {name!r}")
 
+    def native_rows(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[str, torch.Tensor | None]]:
+        """Where each native tensor lies in the original checkpoint, from the original tensors'
+        shapes alone: ``native name -> (original name, rows)``, ``rows`` the original's dim-0
+        index of each native row, or ``None`` for a whole (renamed) tensor.
+
+        The fused maps run on row indices (each ``split`` applied to ``arange(rows)``), so a
+        reader fetches only the rows it keeps of a fused tensor, with no second description of
+        any family's fused layout.
+        """
+        out: dict[str, tuple[str, torch.Tensor | None]] = {}
+        for name, shape in shapes.items():
+            if any(d.match(name) for d in self._dropped):
+                continue
+            index = torch.arange(shape[0]) if len(shape) else torch.zeros(())
+            for native, rows in self._native_one(name, index).items():
+                out[native] = (name, None if rows is index else rows)
+        return out
+
     def _fused_part(self, name: str) -> tuple[int, int, dict[str, str]] | None:
         """``(fused tensor, part, fields)`` of a native name that is one part of a fused tensor, else None."""
         for i, (_, part_rxs, _) in enumerate(self._fused):

@@ -243,8 +243,10 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
     construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
     model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.leak_check == "build")
-    if settings.use_varlen_attn and construction.leak_check == "partitioned":
-        construction.check_partitioned(model, dtype)
+    if construction.leak_check == "partitioned":  # ZeRO-3: loaded now; the engine adds only the optimizer
+        log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
+        if settings.use_varlen_attn:
+            construction.check_partitioned(model, dtype)
     _check_splittable(settings, env, model)
     plan = StepPlan(
         dataset,
@@ -257,7 +259,8 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     )
     engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, construction.deepspeed_config or opts.deepspeed,
                          resume=resume, weights=construction.weights)
-    log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
+    log.info("%s (%s): %s", "engine ready" if construction.leak_check == "partitioned" else "model built and loaded",
+             construction.how, peak_memory(env))
     if settings.use_varlen_attn and construction.leak_check == "engine":
         check_no_leak(engine.unwrapped(), dtype=dtype)  # the engine's forward gathers the sharded parameters
     start = 0

@@ -10,7 +10,20 @@ import torch
 
 #: Layer class name -> ``"module:function"`` of its varlen form (imported when a model has the layer,
 #: so ``import packtune`` stays cheap). A new stateful layer kind is one function plus one row here.
-VARLEN_LAYERS: dict[str, str] = {}
+VARLEN_LAYERS: dict[str, str] = {
+    # Short causal convolutions: LFM2's gated short convolution (lfm2, lfm2_moe, lfm3).
+    **dict.fromkeys(
+        ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"),
+        "packtune.layers.short_conv:lfm2_short_conv_forward",
+    ),
+    # Gated DeltaNet: a short convolution, then the chunked gated delta rule.
+    "Qwen3NextGatedDeltaNet": "packtune.layers.gated_delta:qwen3_next_gated_deltanet_forward",
+    **dict.fromkeys(
+        ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "LaraMiniGatedDeltaNet", "Qwen4ExpTextGatedDeltaNet"),
+        "packtune.layers.gated_delta:qwen3_5_gated_deltanet_forward",
+    ),
+    "OlmoHybridGatedDeltaNet": "packtune.layers.gated_delta:olmo_hybrid_gated_deltanet_forward",
+}
 
 #: Class names of layers that carry state from token to token (scans, recurrences, causal convs).
 _STATEFUL_NAME = re.compile(

@@ -111,3 +111,23 @@ def soften_decays(model: torch.nn.Module, high: float = 0.5, seed: int = 2) -> N
         for name, param in model.named_parameters():
             if name.endswith("A_log"):
                 param.copy_(torch.empty(param.shape).uniform_(0.01, high, generator=gen).log())
+
+
+def cuda_logit_error(model: torch.nn.Module, lengths) -> float:
+    """Relative logit error of the packed row against each document alone, both on CUDA (the
+    packed side through packtune's CUDA kernels where installed, the reference through the
+    model's own)."""
+    model = model.cuda()
+    reference = copy.deepcopy(model)
+    enable_varlen(model)
+    ids, pos, _ = packed_row(lengths, model.config.get_text_config().vocab_size)
+    ids, pos = ids.cuda(), pos.cuda()
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits[0]
+        alone = torch.cat(
+            [
+                reference(input_ids=i, position_ids=p, use_cache=False).logits[0]
+                for i, p in zip(ids.split(list(lengths), 1), pos.split(list(lengths), 1))
+            ]
+        )
+    return float((packed - alone).abs().max() / alone.abs().max())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from stateful_reference import assert_packed_equals_alone, relative_errors, tiny_causal_lm
+from stateful_reference import assert_packed_equals_alone, cuda_logit_error, relative_errors, tiny_causal_lm
 
 CONV = dict(layer_types=["conv", "full_attention"], conv_L_cache=3)
 FAMILIES = {
@@ -31,3 +31,9 @@ def test_without_enable_varlen_the_convolution_leaks():
     """The same comparison fails on the model's own forward: the check can see the leak."""
     _, errors = relative_errors(tiny_causal_lm("lfm2", **CONV), LENGTHS, enable=False)
     assert max(errors.values()) > 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_packed_row_equals_documents_alone():
+    """On CUDA the convolution is causal_conv1d_fn with seq_idx where installed."""
+    assert cuda_logit_error(tiny_causal_lm("lfm2", **CONV), LENGTHS) < 1e-4

@@ -31,19 +31,30 @@ VARLEN_LAYERS: dict[str, str] = {
     "BailingHybridDeltaAttention": "packtune.layers.kda:varlen_kda_forward",
     "Glm5NextTextLinearAttention": "packtune.layers.kda:varlen_kda_forward",
     "MiniMaxLightningAttention": "packtune.layers.lightning:varlen_lightning_forward",
+    # Short causal convolutions: LFM2's gated short convolution (lfm2, lfm2_moe, lfm3).
+    **dict.fromkeys(
+        ("Lfm2ShortConv", "Lfm2MoeShortConv", "Lfm3ShortConv"),
+        "packtune.layers.short_conv:lfm2_short_conv_forward",
+    ),
+    # Gated DeltaNet: a short convolution, then the chunked gated delta rule.
+    "Qwen3NextGatedDeltaNet": "packtune.layers.gated_delta:qwen3_next_gated_deltanet_forward",
+    **dict.fromkeys(
+        ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet", "LaraMiniGatedDeltaNet", "Qwen4ExpTextGatedDeltaNet"),
+        "packtune.layers.gated_delta:qwen3_5_gated_deltanet_forward",
+    ),
+    "OlmoHybridGatedDeltaNet": "packtune.layers.gated_delta:olmo_hybrid_gated_deltanet_forward",
+    # Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
+    # indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
+    **dict.fromkeys(
+        (
+            "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
+            "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
+        ),
+        "packtune.layers.masked:mask_reading_attention_forward",
+    ),
+    # Llama 4: chunked attention and NoPE temperature tuning counted per document.
+    "Llama4TextAttention": "packtune.layers.llama4:llama4_attention_forward",
 }
-
-# Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
-# indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
-VARLEN_LAYERS.update({
-    name: "packtune.layers.masked:mask_reading_attention_forward"
-    for name in (
-        "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
-        "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
-    )
-})
-# Llama 4: chunked attention and NoPE temperature tuning counted per document.
-VARLEN_LAYERS["Llama4TextAttention"] = "packtune.layers.llama4:llama4_attention_forward"
 
 #: Layer class name -> ``"module:function"`` of ``fn(module) -> str | None``: why packtune cannot
 #: make that layer exact on a packed row (``None``: this instance is fine). ``enable_varlen``

@@ -244,7 +244,7 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
     model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.leak_check == "build")
     if settings.use_varlen_attn and construction.leak_check == "partitioned":
-        construction.check_partitioned(model, dtype)
+        construction.check_partitioned(model, dtype, settings.max_length)
     _check_splittable(settings, env, model)
     plan = StepPlan(
         dataset,
@@ -259,7 +259,7 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
                          resume=resume, weights=construction.weights)
     log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
     if settings.use_varlen_attn and construction.leak_check == "engine":
-        check_no_leak(engine.unwrapped(), dtype=dtype)  # the engine's forward gathers the sharded parameters
+        check_no_leak(engine.unwrapped(), dtype=dtype, max_length=settings.max_length)  # the engine's forward gathers the sharded parameters
     start = 0
     if resume:
         meta = engine.load(resume)

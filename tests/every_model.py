@@ -32,6 +32,9 @@ NOT_TEXT: dict[str, str] = {
     "moshi": "a speech-text model whose causal LM reads audio codebooks beside text",
     "trocr": "a text decoder with cross-attention to an image encoder",
     "git": "a text decoder over image features (its causal LM needs pixel values for its layout)",
+    "phi4_multimodal": "its causal LM holds the vision and audio encoders; there is no text-only class",
+    "blt": "byte-level and hierarchical: an entropy model cuts the whole row into patches that a global "
+           "transformer reads, so patches span documents; not a per-token causal LM",
     "gemma4_assistant": "a draft model for Gemma 4's speculative decoding, built from the main model",
     "gemma4_unified_assistant": "a draft model for Gemma 4's speculative decoding, built from the main model",
 }
@@ -42,7 +45,7 @@ LENGTHS = (80, 17, 5, 30, 9)
 #: Small windows and chunks, so that the documents above cross them.
 WINDOW, CHUNK = 8, 16
 #: A tiny model has fewer parameters than this.
-MAX_PARAMETERS = 3_000_000
+MAX_PARAMETERS = 8_000_000
 
 
 def _mapping() -> dict[str, str]:
@@ -99,12 +102,19 @@ _SIZES = {
     "linear_conv_kernel_dim": 4, "conv_L_cache": 3, "mamba_d_conv": 4, "conv_kernel": 4, "mamba_d_state": 16,
     "mamba_n_heads": 4, "mamba_d_head": 32, "mamba_n_groups": 1, "mamba_expand": 2, "mamba_chunk_size": CHUNK,
     "ssm_state_size": 16, "state_size": 16, "n_groups": 1, "chunk_size": CHUNK, "time_step_rank": 8,
-    "rotary_dim": 8, "window_size": WINDOW,
+    "rotary_dim": 8, "window_size": WINDOW, "mamba_d_ssm": 128, "intermediate_size_mlp": 96,
+    "vocab_size_per_layer_input": 128, "hidden_size_per_layer_input": 16,
 }
 
 #: Per type: settings the generic ones above do not reach (layer patterns that are not a
 #: ``layer_types`` list, sizes that must agree with each other).
-_OVERRIDES: dict[str, dict] = {}
+_OVERRIDES: dict[str, dict] = {
+    "dots3_note_text": dict(num_key_value_heads=4),
+    "lfm2": dict(layer_types=["conv", "full_attention"], num_hidden_layers=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_hidden_layers=2, num_dense_layers=1),
+    "mamba2": dict(num_heads=4, head_dim=32),
+    "zaya": dict(num_experts_per_tok=1),
+}
 
 
 def _per_layer_lists(cfg, layers: int) -> dict[str, list]:
@@ -134,8 +144,12 @@ def tiny_config(model_type: str):
         kwargs["num_hidden_layers"] = len(picked)
         for key, values in lists.items():
             kwargs[key] = [values[i] for i in picked]
+    if isinstance(getattr(default, "rope_parameters", None), dict):
+        kwargs["rope_parameters"] = copy.deepcopy(default.rope_parameters)  # keyed by layer type in some
     if "qk_rope_head_dim" in kwargs and "head_dim" in kwargs:
         kwargs["head_dim"] = kwargs["qk_rope_head_dim"]  # MLA: rotary embeddings span the rope part only
+    if "kv_lora_rank" in kwargs and "num_key_value_heads" in kwargs:
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]  # MLA: one key per query head
     kwargs.update(_OVERRIDES.get(model_type, {}))
     return type(default)(**kwargs)
 

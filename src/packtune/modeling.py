@@ -29,6 +29,11 @@ from packtune.layers import install_varlen_layers
 from packtune.parallel.ulysses import SP_KWARG
 
 
+#: Where ``enable_varlen`` keeps the attention implementation the model had (on the model instance,
+#: never in its config, which would be saved with the checkpoint).
+REFERENCE_ATTR = "_packtune_reference_attn"
+
+
 class LeakError(RuntimeError):
     """Tokens of one packed sample influence another: the model does not honour boundaries."""
 
@@ -125,7 +130,11 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     if backend not in BACKENDS:
         raise ValueError(f"unknown attn_backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     install_varlen_layers(model)
-    if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+    current = getattr(model.config, "_attn_implementation", None)
+    hf_model = transformers_model(model)
+    if current != ATTN_IMPLEMENTATION and not hasattr(hf_model, REFERENCE_ATTR):
+        setattr(hf_model, REFERENCE_ATTR, current)  # what check_no_leak runs each document alone with
+    if current != ATTN_IMPLEMENTATION:
         try:
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except (ValueError, AttributeError, KeyError) as exc:
@@ -245,6 +254,33 @@ def _gradient_sketch(params: list[torch.nn.Parameter], sketch: dict, seed: int):
             p.grad = g
 
 
+@contextlib.contextmanager
+def _as_transformers_built(model: torch.nn.Module):
+    """While open, ``model`` runs as transformers built it: the attention implementation it had
+    before ``enable_varlen`` (``sdpa``, else ``eager``, when it was loaded with packtune's), and
+    every layer with a varlen form runs its class's own forward. The leak check runs each document
+    alone this way, so that a packed row is compared with the model itself, not with packtune."""
+    hf_model = transformers_model(model)
+    current = getattr(hf_model.config, "_attn_implementation", None)
+    reference = getattr(hf_model, REFERENCE_ATTR, None if current == ATTN_IMPLEMENTATION else current)
+    switched = [m for m in hf_model.modules() if "forward" in vars(m) and getattr(m, "_packtune_varlen_layer", False)]
+    forwards = [vars(m).pop("forward") for m in switched]
+    try:
+        if reference != current:
+            for candidate in ([reference] if reference else ["sdpa", "eager"]):
+                try:
+                    hf_model.set_attn_implementation(candidate)
+                    break
+                except (ValueError, ImportError, KeyError):
+                    continue
+        yield
+    finally:
+        if getattr(hf_model.config, "_attn_implementation", None) != current:
+            hf_model.set_attn_implementation(current)
+        for module, forward in zip(switched, forwards):
+            module.forward = forward
+
+
 def _leak_errors(model, ids, pos, cu, lengths, dtype, grads, seed):
     """Relative errors of the packed row against each document alone: logits (largest |difference|
     over the largest |logit|, per document) and gradients (per parameter, the largest difference of
@@ -266,7 +302,7 @@ def _leak_errors(model, ids, pos, cu, lengths, dtype, grads, seed):
                 (packed * weights).sum().backward()
             packed = packed.detach()
         logit_error = 0.0
-        with _gradient_sketch([p for _, p in params], alone_sketch, seed):
+        with _gradient_sketch([p for _, p in params], alone_sketch, seed), _as_transformers_built(model):
             for a, b in bounds:
                 alone = model(input_ids=ids[:, a:b], position_ids=pos[:, a:b], use_cache=False).logits[0].float()
                 if params:
@@ -300,7 +336,8 @@ def check_no_leak(
     One packed row (``leak_check_lengths``: documents longer than any window, chunk, sparse block,
     convolution or scan chunk of the config, the later ones at large offsets), given in packtune's
     batch format (``position_ids`` and ``cu_seq_lens_q/k``), against each of its documents run
-    alone through the same model: the logits, and the gradient of every trainable parameter (of
+    alone through the same model as transformers built it (its own attention implementation, its
+    layers' own forwards: ``_as_transformers_built``): the logits, and the gradient of every trainable parameter (of
     a random projection of the logits; compared through random projections of each parameter's
     gradient, so the check holds no second copy of the gradients), both relative, within
     ``TOLERANCE``. Runs in eval mode (no dropout) under the training step's autocast to ``dtype``,

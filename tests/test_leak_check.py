@@ -166,3 +166,34 @@ def test_the_gradient_check_holds_no_second_copy_and_gives_gradients_back(monkey
     assert len(held) >= 4 * len(params)  # every parameter, packed and each of three documents
     assert max(held) == 1, "more than one parameter's check gradient alive at once"
     assert all(p.grad is g for p, g in zip(params, kept))
+
+
+def _no_window(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Exact per document, but without the model's sliding window."""
+    return _masked_attention(query, key, value, _documents(kwargs["position_ids"]), scaling), None
+
+
+def test_documents_alone_run_as_transformers_built_the_model():
+    """A packed path that drops what the model's own attention does (here Mistral's window) is
+    caught: each document alone runs under the attention the model had before enable_varlen."""
+    model = enable_varlen(tiny_model("mistral", "sdpa", sliding_window=8))
+    assert check_no_leak(model) <= 1e-5
+    AttentionInterface.register("no_window_test", _no_window)
+    model.set_attn_implementation("no_window_test")
+    with pytest.raises(LeakError, match="no_window_test"):
+        check_no_leak(model)
+    assert model.config._attn_implementation == "no_window_test"  # given back
+
+
+def test_a_model_loaded_with_packtune_attention_is_checked_against_sdpa():
+    model = tiny_model("mistral", "packtune_varlen", sliding_window=8)
+    seen = []
+    real = model.set_attn_implementation
+
+    def recording(name):
+        seen.append(name)
+        return real(name)
+
+    model.set_attn_implementation = recording
+    assert check_no_leak(enable_varlen(model)) <= 1e-5
+    assert seen[0] == "sdpa" and model.config._attn_implementation == "packtune_varlen"

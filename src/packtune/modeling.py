@@ -12,6 +12,7 @@ the tokens of one sample reach another shows up as a difference, and training is
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import re
 
@@ -202,7 +203,16 @@ def leak_check_lengths(model: torch.nn.Module, max_length: int | None = None) ->
     return (span + 7, 5, span + 3)
 
 
-def _projections(grad: torch.Tensor, index: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=4)
+def _sketch_vectors(device: torch.device, seed: int) -> torch.Tensor:
+    """``(_PROJECTIONS, _BLOCK)`` float64 random directions, made once: every block of every
+    gradient is projected on the same ones (a difference between two gradients does not depend on
+    them, so each projection still sees it with its full size)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn((_PROJECTIONS, _BLOCK), generator=gen, dtype=torch.float64).to(device)
+
+
+def _projections(grad: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``_PROJECTIONS`` random projections of ``grad`` and its squared norm (float64, on its device).
 
     Summed in float64, a block of ``_BLOCK`` elements at a time: a float32 dot over millions of
@@ -213,14 +223,13 @@ def _projections(grad: torch.Tensor, index: int, seed: int) -> tuple[torch.Tenso
     if hasattr(grad, "full_tensor"):
         grad = grad.full_tensor()
     flat = grad.detach().reshape(-1)
-    gen = torch.Generator(device=flat.device).manual_seed(seed * 1_000_003 + index)
+    vectors = _sketch_vectors(flat.device, seed)
     proj = torch.zeros(_PROJECTIONS, dtype=torch.float64, device=flat.device)
     sq = torch.zeros((), dtype=torch.float64, device=flat.device)
     for block in flat.split(_BLOCK):
         block = block.double()
         sq += block.square().sum()
-        for i in range(_PROJECTIONS):
-            proj[i] += torch.dot(block, torch.randn(block.shape, generator=gen, device=flat.device, dtype=torch.float64))
+        proj += vectors[:, : block.numel()] @ block
     return proj, sq
 
 
@@ -235,7 +244,7 @@ def _gradient_sketch(params: list[torch.nn.Parameter], sketch: dict, seed: int):
 
     def record(index: int):
         def hook(p: torch.nn.Parameter) -> None:
-            proj, sq = _projections(p.grad, index, seed)
+            proj, sq = _projections(p.grad, seed)
             old = sketch.get(index)
             sketch[index] = (proj, sq) if old is None else (old[0] + proj, old[1] + sq)
             p.grad = None
@@ -303,13 +312,17 @@ def _leak_errors(model, ids, pos, cu, lengths, dtype, grads, seed):
             packed = packed.detach()
         logit_error = 0.0
         with _gradient_sketch([p for _, p in params], alone_sketch, seed), _as_transformers_built(model):
+            # One backward over all documents: each gradient is sketched once, and the graphs
+            # held together are those of the packed row's tokens, no more.
+            loss = 0.0
             for a, b in bounds:
                 alone = model(input_ids=ids[:, a:b], position_ids=pos[:, a:b], use_cache=False).logits[0].float()
-                if params:
-                    (alone * weights[a:b]).sum().backward()
+                loss = loss + (alone * weights[a:b]).sum()
                 alone = alone.detach()
                 scale = alone.abs().max().clamp(min=1e-6)
                 logit_error = max(logit_error, float((packed[a:b] - alone).abs().max() / scale))
+            if params:
+                loss.backward()
     grad_error, worst = 0.0, None
     if params:
         norms = {i: float(sq.sqrt()) for i, (_, sq) in packed_sketch.items()}

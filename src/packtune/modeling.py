@@ -157,7 +157,7 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
 #: blocks and top-k, convolution kernels, scan chunks): the leak check's documents are longer than
 #: the largest of them, so that every such boundary falls inside a document.
 _REACH = re.compile(r"window|chunk|topk|top_k|block|kernel|conv|cache")
-#: Names that match ``_REACH`` but count layers, heads or experts, not tokens.
+#: Names that match ``_REACH`` but count layers, heads, experts or channels, not tokens.
 _NOT_REACH = re.compile(r"^(num|n)_|layers|heads|experts|_per_|ratio|hidden|dim$|stride")
 #: The shortest span the check's long documents exceed: scans whose chunk is fixed in code rather
 #: than in the config (transformers' torch Gated DeltaNet and KDA chunk by 64 tokens).
@@ -378,11 +378,11 @@ def check_no_leak(
             tolerance = TOLERANCE[weights if compute == torch.float32 else compute]
             if weights != torch.float32:
                 tolerance = max(tolerance, TOLERANCE.get(weights, TOLERANCE[torch.bfloat16]))
-            for what, error in (("logits", logit_error), (f"gradient of {param}", grad_error)):
+            for what, error in (("logits differ", logit_error), (f"gradient of {param} differs", grad_error)):
                 if not error <= tolerance:
                     raise LeakError(
                         f"{type(model).__name__}: on a packed row of documents of {', '.join(map(str, lengths))} "
-                        f"tokens, the {what} differ from the documents alone by {error:.3g} (relative, "
+                        f"tokens, the {what} from the documents alone by {error:.3g} (relative, "
                         f"{str(compute).replace('torch.', '')}, tolerance {tolerance:g}); the model does not "
                         "honour packing boundaries (attn_implementation="
                         f"{getattr(model.config, '_attn_implementation', None)!r}). Refusing to train on packed "

@@ -36,6 +36,15 @@ EXPECTED_FAMILIES = {
     "starcoder_15b": ("bigcode/starcoder", "default", False),
     "yi_6b": ("01-ai/Yi-6B", "yi", False),
     "zephyr_7b_beta": ("HuggingFaceH4/zephyr-7b-beta", "zephyr", False),
+    # The families of 2026: hybrid linear attention, state-space and convolution layers, sinks, chunked attention.
+    "falcon_h1_1_5b_deep_instruct": ("tiiuae/Falcon-H1-1.5B-Deep-Instruct", "tokenizer", False),
+    "gpt_oss_20b": ("openai/gpt-oss-20b", "tokenizer", False),
+    "lfm2_1_2b": ("LiquidAI/LFM2-1.2B", "tokenizer", False),
+    "llama4_scout_17b_16e_instruct": ("meta-llama/Llama-4-Scout-17B-16E-Instruct", "tokenizer", False),
+    "nemotron_3_nano_30b_a3b": ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "tokenizer", False),
+    "qwen3_5_27b": ("Qwen/Qwen3.5-27B", "qwen_chat", False),
+    "qwen3_5_35b_a3b": ("Qwen/Qwen3.5-35B-A3B", "qwen_chat", False),
+    "qwen3_next_80b_a3b_instruct": ("Qwen/Qwen3-Next-80B-A3B-Instruct", "qwen_chat", False),
 }
 REAL = sorted(ENTRIES)
 TINY = [n for n in NAMES if n.startswith("tiny_")]
@@ -43,7 +52,7 @@ TINY = [n for n in NAMES if n.startswith("tiny_")]
 
 def test_catalog_is_one_table_plus_the_tiny_files():
     assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
-    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 5
+    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 174 and len(TINY) == 5
     assert NAMES == sorted(NAMES) == sorted([*REAL, *TINY])
     assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY

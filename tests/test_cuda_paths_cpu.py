@@ -56,7 +56,9 @@ def test_leak_check_runs_under_the_training_autocast(kernel_calls):
     settings = load_settings("tiny_llama_full_demo", ["model_config.num_hidden_layers=1", "dtype=bfloat16"])
     model = model_setup.build_model(settings, torch.device("cpu"), torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.float32}, "full fine-tuning keeps fp32 weights"
-    assert kernel_calls and {c.dtype for c in kernel_calls} == {torch.bfloat16}, "the check ran outside autocast"
+    # fp32 weights: first an fp32 pass at fp32's tolerance, then the training step's bf16 autocast.
+    assert kernel_calls and {c.dtype for c in kernel_calls} == {torch.float32, torch.bfloat16}, "no autocast pass"
+    assert kernel_calls[0].dtype == torch.float32 and kernel_calls[-1].dtype == torch.bfloat16
     # The same check without autocast hands the kernel fp32: the dtype comes from the autocast.
     kernel_calls.clear()
     check_no_leak(model)

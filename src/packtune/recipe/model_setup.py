@@ -150,7 +150,7 @@ def build_model(settings, device: torch.device, dtype: torch.dtype, *, base: tor
         model.to(device)  # a base built elsewhere stays on the CPU: its engine places its shards
     if settings.use_varlen_attn and leak_check:
         # Under the training step's autocast: the check runs the kernel training will run.
-        check_no_leak(model, dtype=dtype)
+        check_no_leak(model, dtype=dtype, max_length=settings.max_length)
     if settings.gradient_checkpointing:
         # transformers >= 5.x renames it activation checkpointing; older releases have only this name.
         if hasattr(model, "activation_checkpointing_enable"):

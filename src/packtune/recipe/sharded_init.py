@@ -70,17 +70,19 @@ class Construction:
         # transformers keeps only a weak reference: this one keeps ZeRO-3 detection alive.
         self._hf_deepspeed = hf_deepspeed
 
-    def check_partitioned(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    def check_partitioned(self, model: torch.nn.Module, dtype: torch.dtype = torch.float32,
+                          max_length: int | None = None) -> None:
         """``check_no_leak`` on a ``zero.Init`` model, each module's parameters gathered only
-        while it runs; a model whose modules read other modules' weights is checked with all
-        of them gathered at once instead."""
+        while it runs (logits only: a module's weights are released before the backward would
+        need them); a model whose modules read other modules' weights is checked with all of
+        them gathered at once instead, gradients included."""
         import deepspeed
 
         from packtune.modeling import LeakError, check_no_leak
 
         try:
             with gathered_while_running(model):
-                check_no_leak(model, dtype=dtype)
+                check_no_leak(model, dtype=dtype, max_length=max_length, grads=False)
             return
         except LeakError:
             raise
@@ -88,7 +90,7 @@ class Construction:
             log.info("ZeRO-3: checking for leaks with all parameters gathered (module by module failed: %s)",
                      str(exc).splitlines()[0])
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            check_no_leak(model, dtype=dtype)
+            check_no_leak(model, dtype=dtype, max_length=max_length)
 
     def close(self) -> None:
         if self._hf_deepspeed is not None:

@@ -246,7 +246,7 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     if construction.leak_check == "partitioned":  # ZeRO-3: loaded now; the engine adds only the optimizer
         log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
         if settings.use_varlen_attn:
-            construction.check_partitioned(model, dtype)
+            construction.check_partitioned(model, dtype, settings.max_length)
     _check_splittable(settings, env, model)
     plan = StepPlan(
         dataset,
@@ -262,7 +262,7 @@ def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitS
     log.info("%s (%s): %s", "engine ready" if construction.leak_check == "partitioned" else "model built and loaded",
              construction.how, peak_memory(env))
     if settings.use_varlen_attn and construction.leak_check == "engine":
-        check_no_leak(engine.unwrapped(), dtype=dtype)  # the engine's forward gathers the sharded parameters
+        check_no_leak(engine.unwrapped(), dtype=dtype, max_length=settings.max_length)  # the engine's forward gathers the sharded parameters
     start = 0
     if resume:
         meta = engine.load(resume)

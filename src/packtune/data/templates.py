@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from packtune.data.errors import DataError
-from packtune.data.turns import THINK_CLOSE, THINK_OPEN, TurnFinder, eos_tokens, load_generation_config, split_think
+from packtune.data.turns import (THINK_CLOSE, THINK_OPEN, ReplyNotRendered, TurnFinder, eos_tokens,
+                                 load_generation_config, split_think)
 
 Segment = tuple[str, bool]
 #: ``{"role", "content"}``; an assistant message may also carry ``reasoning_content`` and
@@ -456,6 +457,8 @@ class ChatTemplate(Template):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template; choose a built-in prompt_template")
         self.tokenizer = tokenizer
+        #: Where the template comes from (the tokenizer's name or folder), for messages.
+        self.source = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
         if generation_config == "auto":
             generation_config = load_generation_config(tokenizer)
         self.stop = eos_tokens(tokenizer, generation_config)
@@ -489,8 +492,11 @@ class ChatTemplate(Template):
                train_on_reasoning: bool = True) -> list[Segment]:
         msgs, native = self._prepare(messages, system, tools)
         full = self._apply(msgs, False, native)
-        turns = self._finder.find(msgs, full, lambda m, g: self._apply(m, g, native),
-                                  json.dumps(native, sort_keys=True) if native else "")
+        try:
+            turns = self._finder.find(msgs, full, lambda m, g: self._apply(m, g, native),
+                                      json.dumps(native, sort_keys=True) if native else "")
+        except ReplyNotRendered as exc:  # name the template: the report shows this message
+            raise ReplyNotRendered(f"chat template of {self.source}: {exc}") from None
         segs: list[Segment] = []
         pos = 0
         for t in turns:

@@ -45,7 +45,7 @@ from packtune.data.formats import BadRow, to_sample
 from packtune.data.sources import RawBatch, parse_json_line
 from packtune.data.templates import Segment, Template
 from packtune.data.tokenizer import _backend
-from packtune.data.turns import ReplyNotFound
+from packtune.data.turns import ReplyNotFound, ReplyNotRendered
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 
 MAX_WORKERS = 8
@@ -200,6 +200,8 @@ class Encoder:
             raise
         except ReplyNotFound as exc:
             return BadRow("reply_not_found", str(exc))
+        except ReplyNotRendered as exc:
+            return BadRow("reply_not_rendered", str(exc))
         except Exception as exc:  # a chat template that raises for this conversation
             return BadRow("template_error", f"{type(exc).__name__}: {exc}")
 

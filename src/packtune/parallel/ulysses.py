@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from packtune.parallel.sizes import heads_problem
+from packtune.config.sizes import heads_problem
 
 if TYPE_CHECKING:  # packtune.attention imports this module
     from packtune.attention.varlen import CuSeqlens

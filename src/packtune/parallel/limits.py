@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from packtune.modeling import text_config
+from packtune.attention.hf import text_config
 from packtune.parallel.groups import SequenceParallelError
 from packtune.config.sizes import heads_problem
 

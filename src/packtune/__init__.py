@@ -21,9 +21,8 @@ import sys
 
 __version__ = "0.1.0"
 
-ATTN_IMPLEMENTATION = "packtune_varlen"
-
 _LAZY = {
+    "ATTN_IMPLEMENTATION": "packtune.config.settings",
     "varlen_attn_func": "packtune.attention.varlen",
     "pack_plan": "packtune.packing.plan",
     "build_packs": "packtune.packing.packs",
@@ -34,7 +33,7 @@ _LAZY = {
     "save_model": "packtune.ports.api",
 }
 
-__all__ = ["ATTN_IMPLEMENTATION", "__version__", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -36,8 +36,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from packtune.attention.backends import math_attention, sdpa_attention
 from packtune.attention.varlen import CuSeqlens, varlen_attn_func
+from packtune.config.settings import ATTN_IMPLEMENTATION
 
-ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
 #: The keyword that carries a forward's validated ``Boundaries`` to every attention layer.
 BOUNDARIES_KWARG = "packtune_boundaries"

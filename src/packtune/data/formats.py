@@ -39,10 +39,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from packtune.config.settings import DATASET_FORMATS as FORMAT_NAMES
 from packtune.data.errors import DataError
 
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "oasst1", "text")
-FORMAT_NAMES: tuple[str, ...] = ("auto", *FORMATS)
+#: The formats a row can be in (``"auto"`` detects one of them).
+FORMATS: tuple[str, ...] = tuple(f for f in FORMAT_NAMES if f != "auto")
 
 #: Why a row is skipped, with what it means.
 BAD_ROW_REASONS: dict[str, str] = {

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from packtune.config.settings import PROMPT_TEMPLATES as TEMPLATE_NAMES
 from packtune.data.errors import DataError
 from packtune.data.turns import (THINK_CLOSE, THINK_OPEN, ReplyNotRendered, TurnFinder, eos_tokens,
                                  load_generation_config, split_think)
@@ -220,10 +221,9 @@ _SPECS = [
     ),
 ]
 
-#: Built-in templates by name.
+#: Built-in templates by name: one for every name ``prompt_template`` accepts
+#: (``TEMPLATE_NAMES``, from the settings) besides ``"auto"`` and ``"tokenizer"``.
 TEMPLATES: dict[str, TemplateSpec] = {spec.name: spec for spec in _SPECS}
-#: Every name ``prompt_template`` accepts.
-TEMPLATE_NAMES: tuple[str, ...] = ("auto", "tokenizer", *TEMPLATES)
 
 
 def check_template_name(name: str) -> None:

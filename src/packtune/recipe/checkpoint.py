@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from packtune.config.settings import Settings
+
 LAST = "last_checkpoint"
 #: The file a checkpoint folder's writer describes it in (engine, meta, state keys).
 INFO = "packtune.json"
@@ -138,7 +140,7 @@ def read_meta(path: str) -> dict:
 # --- what goes in ----------------------------------------------------------------------------
 
 
-def needs_full_state(settings) -> bool:
+def needs_full_state(settings: Settings) -> bool:
     """A LoRA run on a downloaded base saves only what trains; a random-init base saves all."""
     return not settings.lora or settings.model_config is not None
 

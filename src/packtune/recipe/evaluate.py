@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.data import render_prompt
 from packtune.data.templates import get_template
 from packtune.modeling import autocast_context
@@ -70,7 +71,7 @@ def generate_reply(
     return text.strip()
 
 
-def evaluate(model, tokenizer, settings) -> list[dict]:
+def evaluate(model, tokenizer, settings: Settings) -> list[dict]:
     """Replies to every ``evaluation_inputs`` prompt: ``[{"prompt", "answer"}]``, under the
     autocast of the training step (``dtype``)."""
     dtype = compute_dtype(settings.dtype, next(model.parameters()).device)

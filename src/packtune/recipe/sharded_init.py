@@ -42,6 +42,7 @@ import os
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe.model_setup import base_dtype
 
@@ -101,7 +102,7 @@ class Construction:
 
 
 @contextlib.contextmanager
-def model_construction(kind: str, settings, env: DistEnv, dtype: torch.dtype, deepspeed: str | dict | None = None):
+def model_construction(kind: str, settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed: str | dict | None = None):
     """The ``Construction`` for engine ``kind`` (``single``, ``ddp``, ``fsdp``, ``deepspeed``),
     valid until the context exits (for ZeRO-3: transformers' DeepSpeed integration is on)."""
     construction = Construction()
@@ -193,7 +194,7 @@ def gathered_while_running(model: torch.nn.Module):
 
 
 
-def hf_config(settings):
+def hf_config(settings: Settings):
     """The transformers config of the model to train, without building it (``None`` when it
     cannot be read without remote code)."""
     from transformers import AutoConfig
@@ -208,7 +209,7 @@ def hf_config(settings):
         return None
 
 
-def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
+def _deepspeed_construction(settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
     from packtune.recipe.engine_deepspeed import prepare_deepspeed, run_config, zero_stage
 
     config = hf_config(settings)
@@ -241,7 +242,7 @@ def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspee
 # --- FSDP2 -------------------------------------------------------------------------------------
 
 
-def _fsdp_construction(settings, env: DistEnv, dtype: torch.dtype) -> Construction:
+def _fsdp_construction(settings: Settings, env: DistEnv, dtype: torch.dtype) -> Construction:
     config = hf_config(settings)
     files = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config)
     if files is None:
@@ -252,7 +253,7 @@ def _fsdp_construction(settings, env: DistEnv, dtype: torch.dtype) -> Constructi
     return Construction("fsdp_stream", base=base, weights=StreamedWeights(base, files), leak_check="engine")
 
 
-def _stream_source(settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, str] | None:
+def _stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, str] | None:
     """Tensor name -> safetensors file of the checkpoint, when its weights can be streamed into
     the model's own names; else ``None``, after logging why and what happens instead.
     ``config``: the model's ``hf_config``, when the caller has read it (else it is read here)."""
@@ -279,7 +280,7 @@ def _stream_source(settings, env: DistEnv, engine: str, otherwise: str, config=N
     return files
 
 
-def _cannot_stream(settings, config) -> str | None:
+def _cannot_stream(settings: Settings, config) -> str | None:
     from transformers import CONFIG_MAPPING
 
     if settings.model_config is not None:

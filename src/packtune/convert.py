@@ -72,8 +72,7 @@ def _skeleton(settings: Settings, port) -> torch.nn.Module:
 def _save_tokenizer(settings: Settings, save_path: str) -> None:
     """The tokenizer with the chat template used in training, and a generation config that
     stops where a trained reply ends (every single-token stop of the template, not just EOS)."""
-    from packtune.data.templates import get_template
-    from packtune.recipe.evaluate import stop_token_ids
+    from packtune.data.templates import get_template, stop_token_ids
 
     tokenizer = load_tokenizer(settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code)
     template = get_template(settings.prompt_template, tokenizer)

@@ -516,6 +516,17 @@ class ChatTemplate(Template):
         return self._apply(msgs, True, native)
 
 
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """Token ids generation stops on for a template's ``stop`` strings: the EOS id and the id of
+    every stop string that is one token, sorted."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in stops:
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return sorted(set(ids))
+
+
 def get_template(name: str, tokenizer: Any = None, *, bos: str | None = None, eos: str | None = None) -> Template:
     """The template ``name`` for ``tokenizer`` (``bos``/``eos`` override the tokenizer's).
 

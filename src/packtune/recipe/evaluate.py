@@ -14,19 +14,9 @@ import torch
 
 from packtune.config.settings import Settings
 from packtune.data import render_prompt
-from packtune.data.templates import get_template
+from packtune.data.templates import get_template, stop_token_ids
 from packtune.modeling import autocast_context
 from packtune.recipe.model_setup import compute_dtype
-
-
-def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
-    """The EOS id and the id of every stop string that is one token, sorted."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text in stops:
-        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1:
-            ids.append(enc[0])
-    return sorted(set(ids))
 
 
 @torch.no_grad()

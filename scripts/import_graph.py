@@ -46,7 +46,7 @@ LAZY: dict[tuple[str, str], str] = {
     ("packtune", "packtune.ports.baichuan_alibi_config"):
         "registers baichuan_alibi with AutoConfig the moment transformers' Auto classes are imported",
     ("packtune.ports.baichuan_alibi_config", "packtune.ports.baichuan_alibi"):
-        "the model class is registered with its first config (same part: listed for its reason)",
+        "the model class is registered with its first config, never inside transformers' own imports",
 }
 
 

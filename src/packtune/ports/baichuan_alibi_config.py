@@ -11,14 +11,10 @@ never inside transformers' own imports.
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.models.auto.configuration_auto import AutoConfig
 
 MODEL_TYPE = "baichuan_alibi"
-_MODEL_MODULE = "packtune.ports.baichuan_alibi"
 
 
 class BaichuanAlibiConfig(PreTrainedConfig):
@@ -53,9 +49,8 @@ class BaichuanAlibiConfig(PreTrainedConfig):
 
 def _register_model() -> None:
     """Import the model module, which registers ``BaichuanAlibiForCausalLM`` with
-    ``AutoModelForCausalLM`` (once; nothing when it is importing already)."""
-    if _MODEL_MODULE not in sys.modules:
-        importlib.import_module(_MODEL_MODULE)
+    ``AutoModelForCausalLM`` on import (a no-op once imported, or while it is importing)."""
+    import packtune.ports.baichuan_alibi  # noqa: F401
 
 
 AutoConfig.register(MODEL_TYPE, BaichuanAlibiConfig, exist_ok=True)

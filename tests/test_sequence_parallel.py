@@ -30,8 +30,9 @@ from packtune.packing.packs import IGNORE_INDEX, build_packs
 from packtune.parallel.groups import SequenceParallel, SequenceParallelError
 from packtune.parallel.limits import check_splittable
 from packtune.parallel.shard import shard_bounds, shard_micro_batch
-from packtune.parallel.sizes import heads_problem, world_problem
-from packtune.parallel.ulysses import SP_KWARG, kv_head_table
+from packtune.config.sizes import heads_problem, world_problem
+from packtune.attention.hf import SP_KWARG
+from packtune.parallel.ulysses import kv_head_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "sequence_parallel_worker.py")

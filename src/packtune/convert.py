@@ -23,6 +23,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+from packtune.config.settings import Settings
 from packtune.data import load_tokenizer
 from packtune.ports.api import load_model, port_for, save_model
 from packtune.recipe.checkpoint import load_trainable_state
@@ -45,21 +46,21 @@ def read_checkpoint(path: str) -> dict:
     return state["model"] if isinstance(state, dict) and "model" in state else state
 
 
-def _output_dtype(settings, fp32: bool) -> torch.dtype:
+def _output_dtype(settings: Settings, fp32: bool) -> torch.dtype:
     if fp32 or settings.dtype in ("auto", "float32"):
         # "auto" trains with fp32 master weights; keep them unless a half dtype was asked for.
         return torch.float32
     return DTYPES[settings.dtype]
 
 
-def ported(settings):
+def ported(settings: Settings):
     """The port of the run's base model (InternLM, Baichuan, ...), None for other models."""
     if settings.model_config is not None:
         return None
     return port_for(settings.pretrained_model_name_or_path)
 
 
-def _skeleton(settings, port) -> torch.nn.Module:
+def _skeleton(settings: Settings, port) -> torch.nn.Module:
     """The model to load a full state dict into, without downloading weights twice (``port``: ``ported(settings)``)."""
     if settings.model_config is not None or port is not None:
         # A ported model needs its base folder anyway (the original layout copies its files).
@@ -68,11 +69,10 @@ def _skeleton(settings, port) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code, dtype=torch.float32)
 
 
-def _save_tokenizer(settings, save_path: str) -> None:
+def _save_tokenizer(settings: Settings, save_path: str) -> None:
     """The tokenizer with the chat template used in training, and a generation config that
     stops where a trained reply ends (every single-token stop of the template, not just EOS)."""
-    from packtune.data.templates import get_template
-    from packtune.recipe.evaluate import stop_token_ids
+    from packtune.data.templates import get_template, stop_token_ids
 
     tokenizer = load_tokenizer(settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code)
     template = get_template(settings.prompt_template, tokenizer)
@@ -91,7 +91,7 @@ def _save_tokenizer(settings, save_path: str) -> None:
 
 
 def pth_to_hf(
-    settings,
+    settings: Settings,
     pth: str,
     save_path: str,
     *,

@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from packtune.config.settings import LOSS_REDUCTIONS as REDUCTIONS
 from packtune.packing.packs import IGNORE_INDEX
-
-REDUCTIONS = ("token", "sample", "square")
 
 
 def target_weights(labels: torch.Tensor, cu_seqlens: torch.Tensor, reduction: str = "token") -> tuple[torch.Tensor, torch.Tensor]:

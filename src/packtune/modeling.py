@@ -22,12 +22,13 @@ from packtune.attention.hf import (
     ATTN_IMPLEMENTATION,
     BACKEND_ATTR,
     BOUNDARIES_KWARG,
+    SP_KWARG,
     cu_seqlens_from_position_ids,
     forward_boundaries,
+    text_config,
 )
 from packtune.attention.varlen import BACKENDS
 from packtune.layers import install_varlen_layers
-from packtune.parallel.ulysses import SP_KWARG
 
 
 #: Where ``enable_varlen`` keeps the attention implementation the model had (on the model instance,
@@ -37,12 +38,6 @@ REFERENCE_ATTR = "_packtune_reference_attn"
 
 class LeakError(RuntimeError):
     """Tokens of one packed sample influence another: the model does not honour boundaries."""
-
-
-def text_config(model: torch.nn.Module):
-    """The config of the language part (the model's own config for text-only models)."""
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def model_configs(model: torch.nn.Module) -> list:

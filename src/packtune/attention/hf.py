@@ -36,12 +36,14 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from packtune.attention.backends import math_attention, sdpa_attention
 from packtune.attention.varlen import CuSeqlens, varlen_attn_func
-from packtune.parallel.ulysses import SP_KWARG
+from packtune.config.settings import ATTN_IMPLEMENTATION
 
-ATTN_IMPLEMENTATION = "packtune_varlen"
 BACKEND_ATTR = "packtune_attn_backend"
 #: The keyword that carries a forward's validated ``Boundaries`` to every attention layer.
 BOUNDARIES_KWARG = "packtune_boundaries"
+#: The model-forward keyword that carries a ``UlyssesContext`` (``packtune.parallel.ulysses``)
+#: to the attention of every layer.
+SP_KWARG = "packtune_sp"
 #: A ``(rows, len)`` factor for each query token, set by a layer's varlen form where the layer
 #: scaled its queries from a position over the whole row (Llama 4's NoPE temperature tuning):
 #: the ratio of the per-document scale to the one applied.
@@ -342,6 +344,12 @@ def packtune_mask(
         attention_mask=attention_mask,
         **{**kwargs, "allow_is_causal_skip": False},
     )
+
+
+def text_config(model: torch.nn.Module):
+    """The config of the language part (the model's own config for text-only models)."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
 def register() -> None:

@@ -46,8 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from packtune.attention import backends as _backends
-
-BACKENDS = ("auto", "flash_attn", "torch", "sdpa", "eager")
+from packtune.config.settings import ATTN_BACKENDS as BACKENDS
 
 
 @dataclass(frozen=True)

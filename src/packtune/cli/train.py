@@ -44,7 +44,7 @@ def _work_dir(args: argparse.Namespace) -> str:
 
 def _check_world(sequence_parallel_size: int) -> None:
     """Before starting ``NPROC_PER_NODE`` x ``NNODES`` processes: can they be split?"""
-    from packtune.parallel.sizes import world_problem
+    from packtune.config.sizes import world_problem
 
     try:
         world = int(os.environ["NPROC_PER_NODE"]) * int(os.environ.get("NNODES", "1"))

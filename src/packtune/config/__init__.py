@@ -22,8 +22,7 @@ from packtune.config.loader import (
     settings_to_dict,
     settings_to_source,
 )
-from packtune.config.settings import LORA_DEFAULTS, ConfigError, Problem, Settings
-from packtune.config.validate import check_settings
+from packtune.config.settings import LORA_DEFAULTS, ConfigError, Problem, Settings, check_settings
 
 __all__ = [
     "CONFIG_DIR",

@@ -22,8 +22,7 @@ from typing import Any
 
 from packtune.config import settings as S
 from packtune.config.catalog import TINY_DIR, catalog_names, render_config
-from packtune.config.settings import ConfigError, Problem, Settings
-from packtune.config.validate import FIELD_NAMES, check_settings
+from packtune.config.settings import FIELD_NAMES, ConfigError, Problem, Settings, check_settings, setting_defaults
 
 #: Where the tiny built-in config files live (shipped as package data).
 CONFIG_DIR = TINY_DIR
@@ -129,7 +128,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[Problem]:
     for validation, which reports them with a did-you-mean.
     """
     problems = []
-    defaults = {f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING}
+    defaults = {k: v for k, v in setting_defaults().items() if v is not dataclasses.MISSING}
     for item in overrides:
         key, eq, text = item.partition("=")
         key = key.strip()

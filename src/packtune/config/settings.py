@@ -1,50 +1,40 @@
 """The typed settings of a packtune run: ``Settings``, its choices, and ``ConfigError``.
 
-A config file is plain assignments of these settings (see ``packtune.config.loader``). Every
+The choices and the error types live in ``packtune.config.facts`` (below validation, which
+reads them) and are re-exported here. A config file is plain assignments of these settings (see ``packtune.config.loader``). Every
 field below is one setting; its ``metadata`` holds the config-file part it belongs to and a
 one-line description, used by ``settings_to_source`` to write a config back out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-# Choices. Kept here rather than imported from packtune.attention / packtune.packing so that
-# reading and validating a config never needs torch; tests check they stay in sync.
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attn", "torch")
-DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text")
-PROMPT_TEMPLATES = (
-    "auto", "tokenizer", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
-    "internlm2_chat", "gemma", "deepseek", "yi", "vicuna", "chatglm3", "baichuan2_chat",
+from packtune.config.facts import (  # noqa: F401  (re-exported: the settings' facts, importable from here)
+    ATTN_BACKENDS,
+    ATTN_IMPLEMENTATION,
+    BAD_ROW_POLICIES,
+    BUNDLED_SCHEME,
+    ConfigError,
+    DATASET,
+    DATASET_FORMATS,
+    DTYPES,
+    LORA_DEFAULTS,
+    LORA_QUANTIZATION,
+    LOSS_CHUNK_SIZE,
+    LOSS_REDUCTIONS,
+    MODEL,
+    NONFINITE_LOSS_POLICIES,
+    OVERFLOW_POLICIES,
+    PACK_STRATEGIES,
+    PARTS,
+    PROMPT_TEMPLATES,
+    Problem,
+    RUNTIME,
+    SCHEDULE,
 )
-PACK_STRATEGIES = ("bfd", "sequential", "concat")
-OVERFLOW_POLICIES = ("truncate", "drop", "error")
-BAD_ROW_POLICIES = ("skip", "error")
-LOSS_REDUCTIONS = ("token", "sample", "square")
-NONFINITE_LOSS_POLICIES = ("error", "skip")
-LORA_QUANTIZATION = (None, "4bit", "8bit")
-
-#: Default ``loss_chunk_size``: at a 151,936-token vocabulary a 1,024-token chunk is 0.6 GB of
-#: fp32 logits (4,096 would be 2.5 GB), and 1,024 rows keep the vocabulary product efficient.
-LOSS_CHUNK_SIZE = 1024
-
-#: Keys of the ``lora`` dict and their defaults; a config's ``lora`` is completed with these.
-LORA_DEFAULTS: dict[str, Any] = {
-    "r": 8,
-    "alpha": 16,
-    "dropout": 0.05,
-    "target_modules": "all-linear",
-    "quantization": None,
-}
-
-#: Scheme of datasets and tokenizers shipped inside packtune (``packtune://NAME``).
-BUNDLED_SCHEME = "packtune://"
-
-#: Config-file parts, in file order (the XTuner layout).
-PARTS = ("Settings", "Model", "Dataset", "Scheduler & Optimizer", "Runtime")
-MODEL, DATASET, SCHEDULE, RUNTIME = 2, 3, 4, 5
+from packtune.config.validate import check_values
 
 
 def _f(default: Any, part: int, doc: str, *, factory: Any = None) -> Any:
@@ -53,53 +43,6 @@ def _f(default: Any, part: int, doc: str, *, factory: Any = None) -> Any:
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
-
-
-class Problem:
-    """One thing wrong with a config: the setting, what is wrong, and how to fix it."""
-
-    __slots__ = ("key", "message", "fix")
-
-    def __init__(self, key: str, message: str, fix: str) -> None:
-        self.key = key
-        self.message = message
-        self.fix = fix
-
-    def __str__(self) -> str:
-        # "did you mean `r`? fix: ..." reads better than "did you mean `r`?; fix: ...".
-        sep = " " if self.message.endswith(("?", ".", "!")) else "; "
-        return f"{self.message}{sep}fix: {self.fix}"
-
-    def __repr__(self) -> str:
-        return f"Problem({self.key!r}, {self.message!r}, {self.fix!r})"
-
-
-class ConfigError(ValueError):
-    """A config cannot be used. ``problems`` lists every problem found, not just the first.
-
-    ``str()`` gives a header line (when there is a source or more than one problem) and one
-    line per problem, each with its fix.
-    """
-
-    def __init__(self, problems: list[Problem], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        super().__init__(str(self))
-
-    def header(self) -> str:
-        """``config 'x' has 2 problems:`` (or ``'x': ...`` for a single problem)."""
-        n = len(self.problems)
-        where = f"config {self.source!r}" if self.source else "config"
-        return f"{where} has {n} problem{'s' if n != 1 else ''}:"
-
-    def lines(self) -> list[str]:
-        """One line per problem, message and fix."""
-        return [str(p) for p in self.problems]
-
-    def __str__(self) -> str:
-        if len(self.problems) == 1 and not self.source:
-            return str(self.problems[0])
-        return "\n".join([self.header(), *(f"  - {line}" for line in self.lines())])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,12 +121,35 @@ class Settings:
     seed: int = _f(0, RUNTIME, "random seed")
 
     def __post_init__(self) -> None:
-        # Imported here: validate imports this module for the field list.
-        from packtune.config.validate import check_settings
-
-        values, problems = check_settings({name: getattr(self, name) for name in self.__dataclass_fields__})
+        values, problems = check_settings({name: getattr(self, name) for name in FIELD_NAMES})
         if problems:
             raise ConfigError(problems)
         for name, value in values.items():
             # Frozen dataclass: normalised values are written once, here.
             object.__setattr__(self, name, value)
+
+
+#: Every setting's name, in declaration order.
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Settings))
+
+
+def setting_defaults() -> dict[str, Any]:
+    """Every setting's default (a fresh one for list defaults; ``MISSING`` for a required one)."""
+    out: dict[str, Any] = {}
+    for f in fields(Settings):
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+        else:
+            out[f.name] = MISSING
+    return out
+
+
+def check_settings(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Validate ``raw`` (setting name -> value; missing names take their defaults).
+
+    Returns the normalised values (complete: every field) and every problem found; the values
+    are only meaningful when the problem list is empty.
+    """
+    return check_values(raw, setting_defaults())

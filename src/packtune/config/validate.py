@@ -1,6 +1,7 @@
 """Check a dict of settings: every problem is collected, each with its fix.
 
-``check_settings(raw)`` returns the normalised values and a list of ``Problem``. Nothing is
+``check_values(raw, defaults)`` returns the normalised values and a list of ``Problem``
+(``packtune.config.settings.check_settings`` passes the settings' defaults). Nothing is
 coerced silently: ``batch_size = 4.0`` or ``"4"`` is an error whose fix says what to write.
 Combination rules run only on settings that passed their own checks, so one mistake does not
 produce a cascade of follow-up messages.
@@ -12,12 +13,12 @@ import ast
 import difflib
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 from typing import Any
 
-from packtune.config import settings as S
-from packtune.config.settings import Problem, Settings
-from packtune.parallel.sizes import heads_problem
+from packtune.config import facts as S
+from packtune.config.facts import Problem
+from packtune.config.sizes import heads_problem
 
 # Common spellings of valid choices that difflib does not find on its own.
 ALIASES = {
@@ -53,9 +54,6 @@ XTUNER_NAMES = {
 WIRING = {"model", "tokenizer", "train_dataloader", "optim_wrapper", "param_scheduler", "train_cfg",
           "custom_hooks", "default_hooks", "env_cfg", "visualizer", "log_level", "load_from",
           "resume", "randomness", "log_processor", "train_dataset", "sampler"}
-
-FIELD_NAMES = tuple(f.name for f in fields(Settings))
-
 
 class _Reject(Exception):
     """A value failed a check; ``detail`` says where (e.g. which list item), if not obvious."""
@@ -287,16 +285,6 @@ LORA_CHECKS: dict[str, Check] = {
 }
 
 
-def _defaults() -> dict[str, Any]:
-    out = {}
-    for f in fields(Settings):
-        if f.default is not MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            out[f.name] = f.default_factory()
-    return out
-
-
 def _fix_for(name: str, value: Any, check: Check, default: Any, hint: str) -> str:
     """What to write instead: the unquoted literal, the int, or an example value."""
     if hint:
@@ -460,24 +448,25 @@ def _check_sequence_parallel(size: int, varlen: bool, model_config: dict | None,
             "set `sequence_parallel_size` to one of those (that also divides the number of processes)")
 
 
-def check_settings(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
-    """Validate ``raw`` (setting name -> value; missing names take their defaults).
+def check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+    """Validate ``raw`` (setting name -> value) against the settings ``defaults`` names (every
+    setting -> its default, ``MISSING`` for a required one); missing names take their defaults.
 
     Returns the normalised values (complete: every field) and every problem found; the values
     are only meaningful when the problem list is empty.
     """
     problems: list[Problem] = []
+    names = tuple(defaults)
     for name in raw:
-        if name not in FIELD_NAMES:
-            problems.append(unknown_name(name, FIELD_NAMES))
-    defaults = _defaults()
+        if name not in defaults:
+            problems.append(unknown_name(name, names))
     if "dataset" not in raw:
         problems.append(Problem("dataset", "`dataset` is not set (it is required)",
                                 "set `dataset = 'tatsu-lab/alpaca'` (HF id, local path(s), or packtune://NAME)"))
     values: dict[str, Any] = {}
-    for name in FIELD_NAMES:
+    for name in names:
         if name not in raw:
-            values[name] = defaults.get(name, MISSING)
+            values[name] = defaults[name]
             continue
         value = raw[name]
         if name == "lora":
@@ -485,6 +474,6 @@ def check_settings(raw: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem
         elif name == "model_config":
             values[name] = _check_model_config(value, problems)
         else:
-            values[name] = _check_value(name, value, CHECKS[name], defaults.get(name), problems)
+            values[name] = _check_value(name, value, CHECKS[name], None if defaults[name] is MISSING else defaults[name], problems)
     _combinations(values, problems)
     return values, problems

@@ -39,7 +39,7 @@ from packtune.data.sources import file_digest
 from packtune.data.tokenizer import default_cache_dir
 
 #: Bump when the pipeline's output changes for the same inputs: old entries are then unused.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 def cache_key(parts: dict[str, Any]) -> str:

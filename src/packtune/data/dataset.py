@@ -23,7 +23,8 @@ import numpy as np
 from packtune.data.cache import DataCache, cache_key
 from packtune.data.errors import DataError
 from packtune.data.formats import check_format_name, detect_format
-from packtune.data.options import PACK_STRATEGIES, DataOptions
+from packtune.config.settings import BAD_ROW_POLICIES, PACK_STRATEGIES
+from packtune.data.options import DataOptions
 from packtune.data.report import DataReport
 from packtune.data.sources import LocalFile, Part, entry_name, iter_batches, resolve
 from packtune.data.templates import Template, check_template_name, get_template
@@ -87,7 +88,7 @@ def _check(options: DataOptions) -> None:
     check_template_name(options.prompt_template)
     for name, value, known in (("pack_strategy", options.pack_strategy, PACK_STRATEGIES),
                                ("overflow", options.overflow, OVERFLOW),
-                               ("on_bad_row", options.on_bad_row, ("skip", "error"))):
+                               ("on_bad_row", options.on_bad_row, BAD_ROW_POLICIES)):
         if value not in known:
             raise DataError(f"unknown {name} {value!r}; known: {', '.join(known)}")
     if options.max_length < 2:

@@ -39,10 +39,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from packtune.config.settings import DATASET_FORMATS as FORMAT_NAMES
 from packtune.data.errors import DataError
 
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "oasst1", "text")
-FORMAT_NAMES: tuple[str, ...] = ("auto", *FORMATS)
+#: The formats a row can be in (``"auto"`` detects one of them).
+FORMATS: tuple[str, ...] = tuple(f for f in FORMAT_NAMES if f != "auto")
 
 #: Why a row is skipped, with what it means.
 BAD_ROW_REASONS: dict[str, str] = {
@@ -58,6 +59,7 @@ BAD_ROW_REASONS: dict[str, str] = {
     "empty_text": "the text is empty",
     "template_error": "the chat template cannot render the conversation",
     "reply_not_found": "the chat template's text around a reply changes with its words: no reply located",
+    "reply_not_rendered": "the chat template does not write a reply's text or tool calls (not trained as empty)",
 }
 
 SHAREGPT_ROLES = {
@@ -209,8 +211,8 @@ def _turns(row: dict, field_: str, role_key: str, text_key: str, roles: dict[str
 
 
 def _extras(turn: dict, role: str) -> dict[str, Any] | BadRow:
-    """What a message carries besides its text: a reply's ``tool_calls`` and reasoning, a tool
-    result's ``name`` and ``tool_call_id``."""
+    """What a message carries besides its text: a reply's ``tool_calls``, reasoning and
+    ``metadata``, a tool result's ``name`` and ``tool_call_id``."""
     out: dict[str, Any] = {}
     if role == "assistant":
         calls = turn.get("tool_calls")
@@ -223,6 +225,8 @@ def _extras(turn: dict, role: str) -> dict[str, Any] | BadRow:
             return BadRow("non_string_content", f"'reasoning_content' is {type(reasoning).__name__}")
         if reasoning and reasoning.strip():
             out["reasoning_content"] = reasoning
+        if isinstance(turn.get("metadata"), str):  # GLM-4 writes a call's function name from it
+            out["metadata"] = turn["metadata"]
     elif role == "tool":
         out.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
     return out

@@ -1,7 +1,8 @@
 """``DataOptions``: every setting of the data pipeline, with its default.
 
-The names match the config's ``Settings`` attributes, so ``DataOptions.from_settings(settings)``
-copies them over.
+Its fields are the ``Settings`` fields named in ``DATA_SETTINGS``, derived from ``Settings``
+(same names, types and defaults: nothing declared twice), so
+``DataOptions.from_settings(settings)`` copies them over.
 
 >>> opts = DataOptions(dataset="data.jsonl", max_length=512)
 >>> opts.pack_strategy, opts.effective_strategy("alpaca"), opts.effective_strategy("text")
@@ -11,14 +12,19 @@ copies them over.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
-PACK_STRATEGIES = ("bfd", "sequential", "concat")
+from packtune.config.settings import Settings
+
+#: The settings the data pipeline reads: ``DataOptions`` has exactly these fields.
+DATA_SETTINGS = (
+    "dataset", "dataset_format", "dataset_split", "dataset_streaming", "max_samples", "prompt_template",
+    "system_prompt", "train_on_reasoning", "max_length", "pack_to_max_length", "pack_strategy",
+    "shuffle_before_pack", "overflow", "on_bad_row", "num_proc", "data_cache_dir", "seed",
+)
 
 
-@dataclass
-class DataOptions:
+class _DataOptions:
     """Data settings (see the module docstring of ``packtune.data``).
 
     ``prompt_template="auto"``: the tokenizer's chat template when it has one, else
@@ -30,24 +36,6 @@ class DataOptions:
     are read as ``datasets`` streams (``IterableDataset``), never downloaded or held whole;
     from Python, ``dataset`` may also be a ``datasets.Dataset`` or ``IterableDataset``.
     """
-
-    dataset: str | list[str] | Any
-    dataset_format: str = "auto"
-    dataset_split: str = "train"
-    dataset_streaming: bool = False
-    max_samples: int | None = None
-    prompt_template: str = "auto"
-    system_prompt: str | None = None
-    train_on_reasoning: bool = True
-    max_length: int = 2048
-    pack_to_max_length: bool = True
-    pack_strategy: str = "bfd"
-    shuffle_before_pack: bool = True
-    overflow: str = "truncate"
-    on_bad_row: str = "skip"
-    num_proc: int | None = None
-    data_cache_dir: str | None = None
-    seed: int = 0
 
     @classmethod
     def from_settings(cls, obj: Any, **overrides: Any) -> DataOptions:
@@ -71,3 +59,25 @@ class DataOptions:
         if fmt == "text":
             return "concat"
         return self.pack_strategy
+
+
+def _fields() -> list[tuple]:
+    """``DATA_SETTINGS`` as ``make_dataclass`` fields, with the settings' types and defaults."""
+    by_name = {f.name: f for f in dataclasses.fields(Settings)}
+    out: list[tuple] = []
+    for name in DATA_SETTINGS:
+        f = by_name[name]
+        # From Python, ``dataset`` may also be a ``datasets.Dataset`` or ``IterableDataset``.
+        kind = "str | list[str] | Any" if name == "dataset" else f.type
+        if f.default is not dataclasses.MISSING:
+            out.append((name, kind, dataclasses.field(default=f.default)))
+        elif f.default_factory is not dataclasses.MISSING:
+            out.append((name, kind, dataclasses.field(default_factory=f.default_factory)))
+        else:
+            out.append((name, kind))
+    return out
+
+
+DataOptions = dataclasses.make_dataclass("DataOptions", _fields(), bases=(_DataOptions,))
+DataOptions.__module__ = __name__  # where pickle and the docs find it
+DataOptions.__doc__ = _DataOptions.__doc__

@@ -106,7 +106,7 @@ def format_report(r: DataReport) -> str:
         rows.append((f"    {reason}", f"{_n(count)}  ({BAD_ROW_REASONS.get(reason, '')})"))
         if reason in r.skip_examples:
             example = r.skip_examples[reason]
-            rows.append(("", f"  first: {example if len(example) <= 160 else example[:157] + '...'}"))
+            rows.append(("", f"  first: {example if len(example) <= 300 else example[:297] + '...'}"))
     rows += [
         ("tokens", f"{_n(r.tokens)} in kept samples; {_n(r.trained_tokens)} trained in packs"),
         ("sample length", f"min {_n(r.length_min)}, mean {r.length_mean:,.1f}, max {_n(r.length_max)}"),

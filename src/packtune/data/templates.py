@@ -46,8 +46,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from packtune.config.settings import PROMPT_TEMPLATES as TEMPLATE_NAMES
 from packtune.data.errors import DataError
-from packtune.data.turns import THINK_CLOSE, THINK_OPEN, TurnFinder, eos_tokens, load_generation_config, split_think
+from packtune.data.turns import (THINK_CLOSE, THINK_OPEN, ReplyNotRendered, TurnFinder, eos_tokens,
+                                 load_generation_config, split_think)
 
 Segment = tuple[str, bool]
 #: ``{"role", "content"}``; an assistant message may also carry ``reasoning_content`` and
@@ -219,10 +221,9 @@ _SPECS = [
     ),
 ]
 
-#: Built-in templates by name.
+#: Built-in templates by name: one for every name ``prompt_template`` accepts
+#: (``TEMPLATE_NAMES``, from the settings) besides ``"auto"`` and ``"tokenizer"``.
 TEMPLATES: dict[str, TemplateSpec] = {spec.name: spec for spec in _SPECS}
-#: Every name ``prompt_template`` accepts.
-TEMPLATE_NAMES: tuple[str, ...] = ("auto", "tokenizer", *TEMPLATES)
 
 
 def check_template_name(name: str) -> None:
@@ -456,6 +457,8 @@ class ChatTemplate(Template):
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template; choose a built-in prompt_template")
         self.tokenizer = tokenizer
+        #: Where the template comes from (the tokenizer's name or folder), for messages.
+        self.source = str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
         if generation_config == "auto":
             generation_config = load_generation_config(tokenizer)
         self.stop = eos_tokens(tokenizer, generation_config)
@@ -489,8 +492,11 @@ class ChatTemplate(Template):
                train_on_reasoning: bool = True) -> list[Segment]:
         msgs, native = self._prepare(messages, system, tools)
         full = self._apply(msgs, False, native)
-        turns = self._finder.find(msgs, full, lambda m, g: self._apply(m, g, native),
-                                  json.dumps(native, sort_keys=True) if native else "")
+        try:
+            turns = self._finder.find(msgs, full, lambda m, g: self._apply(m, g, native),
+                                      json.dumps(native, sort_keys=True) if native else "")
+        except ReplyNotRendered as exc:  # name the template: the report shows this message
+            raise ReplyNotRendered(f"chat template of {self.source}: {exc}") from None
         segs: list[Segment] = []
         pos = 0
         for t in turns:
@@ -508,6 +514,17 @@ class ChatTemplate(Template):
     def prompt(self, messages: Sequence[Message], system: str | None = None, tools: str | None = None) -> str:
         msgs, native = self._prepare(messages, system, tools)
         return self._apply(msgs, True, native)
+
+
+def stop_token_ids(tokenizer: Any, stops: Sequence[str]) -> list[int]:
+    """Token ids generation stops on for a template's ``stop`` strings: the EOS id and the id of
+    every stop string that is one token, sorted."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for text in stops:
+        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.append(enc[0])
+    return sorted(set(ids))
 
 
 def get_template(name: str, tokenizer: Any = None, *, bos: str | None = None, eos: str | None = None) -> Template:

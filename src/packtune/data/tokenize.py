@@ -39,13 +39,14 @@ from typing import Any
 
 import numpy as np
 
+from packtune.config.settings import BAD_ROW_POLICIES
 from packtune.data.cache import NpyAppender
 from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.sources import RawBatch, parse_json_line
 from packtune.data.templates import Segment, Template
 from packtune.data.tokenizer import _backend
-from packtune.data.turns import ReplyNotFound
+from packtune.data.turns import ReplyNotFound, ReplyNotRendered
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 
 MAX_WORKERS = 8
@@ -200,6 +201,8 @@ class Encoder:
             raise
         except ReplyNotFound as exc:
             return BadRow("reply_not_found", str(exc))
+        except ReplyNotRendered as exc:
+            return BadRow("reply_not_rendered", str(exc))
         except Exception as exc:  # a chat template that raises for this conversation
             return BadRow("template_error", f"{type(exc).__name__}: {exc}")
 
@@ -296,8 +299,8 @@ def tokenize_batches(encoder: Encoder, batches: Iterator[RawBatch], num_proc: in
     small data). ``on_bad_row="error"`` raises ``DataError`` naming the first bad row (file
     and line); ``"skip"`` counts it under its reason.
     """
-    if on_bad_row not in ("skip", "error"):
-        raise ValueError(f"unknown on_bad_row {on_bad_row!r}; choose one of skip, error")
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"unknown on_bad_row {on_bad_row!r}; choose one of {', '.join(BAD_ROW_POLICIES)}")
     n_proc = resolve_num_proc(num_proc)
     t0 = time.perf_counter()
     folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="packtune-tok-"))

@@ -32,6 +32,11 @@ When the template changes its text with the words of a message (beyond whitespac
 reasoning), the skeleton does not reproduce the rendering: a skeleton with only the replies
 replaced is tried next, and if that fails too the conversation is refused (``ReplyNotFound``)
 rather than trained on a guess.
+
+A reply the template does not write is refused too (``ReplyNotRendered``), never trained as an
+empty turn: its text when the reply's sentinel is missing from the skeleton, its tool calls when
+the rendering stays the same without them (GLM-4 writes a message only when its content is
+non-empty; DeepSeek-R1 writes calls only when the content is null, a key transformers drops).
 """
 
 from __future__ import annotations
@@ -54,6 +59,11 @@ Apply = Callable[[list, bool], str]
 
 class ReplyNotFound(ValueError):
     """The chat template renders the conversation but its replies cannot be located in it."""
+
+
+class ReplyNotRendered(ValueError):
+    """The chat template leaves out a reply's text or tool calls: training it would teach the
+    model to stop (or to answer without the calls) where the data says otherwise."""
 
 
 def split_think(content: str) -> tuple[str, str, str] | None:
@@ -150,7 +160,7 @@ class TurnFinder:
     def __init__(self, specials: Sequence[str], stops: Sequence[str]) -> None:
         self.specials = [s for s in specials if s]
         self.stops = [s for s in stops if s]
-        self._cache: dict[tuple, _Skeleton | None] = {}
+        self._cache: dict[tuple, _Skeleton | ReplyNotRendered | None] = {}
 
     def find(self, messages: Sequence[dict], text: str, apply: Apply, tag: str = "") -> list[Turn]:
         """The turns of ``messages`` in ``text`` (their rendering by ``apply(messages, False)``).
@@ -162,6 +172,7 @@ class TurnFinder:
         if prefix is None:
             raise ReplyNotFound("the conversation contains every sentinel packtune could use")
         rx = re.compile(prefix + r"([ctru])(\d+)x")
+        not_rendered: ReplyNotRendered | None = None
         for all_roles in (True, False):
             smsgs, cores = skeleton_messages(messages, prefix, all_roles)
             key = (all_roles, prefix, tag, json.dumps(smsgs, sort_keys=True, default=str))
@@ -170,16 +181,23 @@ class TurnFinder:
             else:
                 try:
                     skel = self._analyse(smsgs, apply, prefix, rx)
+                except ReplyNotRendered as exc:  # cached too: the next row of this shape is refused alike
+                    skel = exc
                 except Exception:  # noqa: BLE001 - the template refuses the skeleton: try the next
                     skel = None
                 if len(self._cache) >= _CACHE_SIZE:
                     self._cache.clear()
                 self._cache[key] = skel
+            if isinstance(skel, ReplyNotRendered):
+                not_rendered = skel
+                continue
             if skel is None:
                 continue
             mapped = _map_back(skel, cores, text)
             if mapped is not None:
                 return [Turn(mapped(t.start), mapped(t.end), mapped(t.think_end), t.eos) for t in skel.turns]
+        if not_rendered is not None:
+            raise ReplyNotRendered(str(not_rendered))
         raise ReplyNotFound("the chat template's text around a reply changes with the reply's words, so packtune "
                             "cannot tell which tokens are the reply; use a built-in prompt_template")
 
@@ -191,6 +209,7 @@ class TurnFinder:
     def _analyse(self, smsgs: list[dict], apply: Apply, prefix: str, rx: re.Pattern) -> _Skeleton:
         full = apply(smsgs, False)
         occ = self._occ(full, rx)
+        _check_rendered(smsgs, full, occ, apply, prefix)
         probe = {"role": "user", "content": f"{prefix}u0x"}
         turns: list[Turn] = []
         prev = 0
@@ -294,6 +313,27 @@ class TurnFinder:
         while j < answer and full[j].isspace():
             j += 1
         return j
+
+
+def _check_rendered(smsgs: list[dict], full: str, occ: list[_Occ], apply: Apply, prefix: str) -> None:
+    """Raise ``ReplyNotRendered`` when ``full`` (the skeleton's rendering) leaves out a reply's
+    answer text (its sentinel is missing) or its tool calls (the rendering without them is the same)."""
+    seen = {o.key for o in occ}
+    replies = 0
+    for k, m in enumerate(smsgs):
+        if m.get("role") != "assistant":
+            continue
+        replies += 1
+        content = m.get("content")
+        if isinstance(content, str) and f"{prefix}c{k}x" in content and ("c", k) not in seen:
+            raise ReplyNotRendered(f"reply {replies}: the template does not write its text"
+                                   + (" beside its tool calls" if m.get("tool_calls") else ""))
+        if m.get("tool_calls"):
+            without = [dict(x) for x in smsgs]
+            del without[k]["tool_calls"]
+            if _try(apply, without, False) == full:
+                raise ReplyNotRendered(f"reply {replies}: the template does not write its tool calls; shape them "
+                                       "as the template reads them (README: tool calls written from the content)")
 
 
 def _try(apply: Apply, messages: list[dict], generation: bool) -> str | None:

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from packtune.packing.packs import IGNORE_INDEX
-from packtune.parallel.ulysses import SP_KWARG, UlyssesContext
+from packtune.attention.hf import SP_KWARG
+from packtune.parallel.ulysses import UlyssesContext
 
 
 @dataclass

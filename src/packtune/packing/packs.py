@@ -60,10 +60,12 @@ from packtune.packing.chunks import (
     trained_after_first,
     trained_before,
 )
+from packtune.config.settings import OVERFLOW_POLICIES as OVERFLOW
+from packtune.config.settings import PACK_STRATEGIES
 from packtune.packing.plan import plan_order
 
-MODES = ("bfd", "sequential", "concat", "none")
-OVERFLOW = ("truncate", "drop", "error")
+#: The layouts ``layout_packs`` makes: a pack strategy, or ``"none"`` (one sample per row, no packing).
+MODES = (*PACK_STRATEGIES, "none")
 
 
 @dataclass

@@ -32,7 +32,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STRATEGIES = ("bfd", "sequential")
+from packtune.config.settings import PACK_STRATEGIES
+
+#: The strategies that plan whole samples into packs (``"concat"`` cuts a token stream instead).
+STRATEGIES = tuple(s for s in PACK_STRATEGIES if s != "concat")
 
 
 def _as_lengths(lengths: Sequence[int] | np.ndarray, max_length: int) -> np.ndarray:

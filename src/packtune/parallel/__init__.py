@@ -5,6 +5,6 @@
 * ``ulysses``: the all-to-alls around ``varlen_attn_func`` (seq-sharded <-> head-sharded).
 * ``limits``: the models that cannot be split this way, refused in one line.
 
-This package imports nothing at import time, so ``packtune.packing.collate`` can import the
-context class without an import cycle.
+Below ``packtune.packing`` (whose ``Batch`` carries the shard's context) and above
+``packtune.attention`` (whose kernels it wraps); this package imports nothing at import time.
 """

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from packtune.parallel.sizes import world_problem
+from packtune.config.sizes import world_problem
 
 
 class SequenceParallelError(ValueError):

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from packtune.modeling import text_config
+from packtune.attention.hf import text_config
 from packtune.parallel.groups import SequenceParallelError
-from packtune.parallel.sizes import heads_problem
+from packtune.config.sizes import heads_problem
 
 #: Substrings of a layer kind that mixes tokens outside attention.
 TOKEN_MIXING_KINDS = ("linear", "conv", "mamba", "recurrent", "ssm", "rwkv", "delta", "hybrid")

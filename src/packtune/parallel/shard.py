@@ -21,12 +21,17 @@ wherever its tokens landed.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
 import torch
 
 from packtune.attention.varlen import CuSeqlens
-from packtune.packing.collate import Batch
 from packtune.parallel.groups import SequenceParallel
 from packtune.parallel.ulysses import UlyssesContext
+
+if TYPE_CHECKING:  # packing sits above parallel: its Batch carries this package's context
+    from packtune.packing.collate import Batch
 
 
 def shard_bounds(total: int, size: int, rank: int) -> tuple[int, int]:
@@ -61,12 +66,11 @@ def shard_micro_batch(
     cu = CuSeqlens.validate("cu_seqlens", batch.cu_seqlens, total, device=batch.input_ids.device)
     context = UlyssesContext(group=sp.group, size=sp.size, rank=sp.rank, cu_seqlens=cu, max_seqlen=cu.longest, total=total)
     real_end = total - batch.padding  # padding sits at the end of the row
-    shard = Batch(
+    shard = dataclasses.replace(
+        batch,
         input_ids=batch.input_ids[:, start:end],
         labels=batch.labels[:, start:end],
         position_ids=batch.position_ids[:, start:end],
-        cu_seqlens=batch.cu_seqlens,
-        max_seqlen=batch.max_seqlen,
         padding=end - max(start, min(end, real_end)),
         sequence_parallel=context,
     )

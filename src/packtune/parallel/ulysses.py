@@ -17,8 +17,9 @@ the KV heads its query heads use (``kv_head_table``), so a KV head is replicated
 several ranks need it; its gradient comes back summed by the indexing's backward.
 
 The context (group, rank, the row's ``cu_seqlens``) travels with the batch: ``Batch``
-passes a ``UlyssesContext`` to the model's forward under the keyword ``SP_KWARG``, and
-transformers hands it to the ``"packtune_varlen"`` attention function of every layer.
+passes a ``UlyssesContext`` to the model's forward under the keyword ``SP_KWARG``
+(``packtune.attention.hf``), and transformers hands it to the ``"packtune_varlen"`` attention
+function of every layer.
 
 In ``torch.profiler`` traces the all-to-alls show as ``packtune.ulysses.all_to_all`` and the
 attention call as ``packtune.ulysses.attention``.
@@ -34,13 +35,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from packtune.parallel.sizes import heads_problem
+from packtune.config.sizes import heads_problem
 
 if TYPE_CHECKING:  # packtune.attention imports this module
     from packtune.attention.varlen import CuSeqlens
-
-#: The model-forward keyword that carries a ``UlyssesContext`` to the attention function.
-SP_KWARG = "packtune_sp"
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,7 +1,8 @@
 """A native class for Baichuan-13B and Baichuan2-13B: ALiBi + RMSNorm + SwiGLU, varlen attention.
 
 No transformers class combines ALiBi with RMSNorm and SwiGLU, so packtune registers this small
-one with transformers' Auto classes (``model_type = "baichuan_alibi"``). It is built from
+one with transformers' Auto classes (``model_type = "baichuan_alibi"``; after ``import packtune``,
+see ``packtune.ports.baichuan_alibi_config``). It is built from
 transformers' own llama pieces (``LlamaRMSNorm``, ``LlamaMLP``, the decoder-layer shape, the
 KV ``Cache``); its names are llama's (``model.layers.N.self_attn.q_proj`` ...).
 
@@ -25,10 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     GenerationMixin,
-    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache, DynamicCache
@@ -49,39 +48,8 @@ from packtune.attention.hf import (
 )
 from packtune.attention.varlen import CuSeqlens, varlen_attn_func
 from packtune.modeling import _has_padding
+from packtune.ports.baichuan_alibi_config import BaichuanAlibiConfig
 from packtune.ports.norm_head import NormHead
-
-MODEL_TYPE = "baichuan_alibi"
-
-
-class BaichuanAlibiConfig(PreTrainedConfig):
-    """Config of ``BaichuanAlibiForCausalLM`` (Baichuan-13B's keys; ``norm_head`` for Baichuan2)."""
-
-    model_type = MODEL_TYPE
-    attribute_map = {"max_position_embeddings": "model_max_length"}
-
-    vocab_size: int = 64000
-    hidden_size: int = 5120
-    intermediate_size: int = 13696
-    num_hidden_layers: int = 40
-    num_attention_heads: int = 40
-    hidden_act: str = "silu"
-    model_max_length: int = 4096
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
-    norm_head: bool = False
-    attention_dropout: float = 0.0
-    use_cache: bool = True
-    tie_word_embeddings: bool = False
-    pad_token_id: int | None = 0
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2
-
-    def __post_init__(self, **kwargs):
-        # LlamaMLP reads mlp_bias; Baichuan's MLP has none.
-        self.mlp_bias = False
-        super().__post_init__(**kwargs)
-
 
 @lru_cache(maxsize=None)
 def alibi_slopes(heads: int) -> tuple[float, ...]:
@@ -297,5 +265,4 @@ class BaichuanAlibiForCausalLM(BaichuanAlibiPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache)
 
 
-AutoConfig.register(MODEL_TYPE, BaichuanAlibiConfig, exist_ok=True)
 AutoModelForCausalLM.register(BaichuanAlibiConfig, BaichuanAlibiForCausalLM, exist_ok=True)

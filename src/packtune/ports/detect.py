@@ -18,14 +18,32 @@ back in the original layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from packtune.ports import baichuan, chatglm, internlm, internlm2, qwen
 from packtune.ports.layout import PortError
 from packtune.ports.port import Port
 
 #: The attribute of a native config that records its original (see the module docstring).
 META = "packtune_port"
-PORTS: dict[str, Port] = {p.family: p for p in (internlm.PORT, internlm2.PORT, *baichuan.PORTS, chatglm.PORT, qwen.PORT)}
-MODEL_TYPES = ("internlm", "internlm2", "baichuan", "chatglm", "qwen")
+
+
+def _chatglm(cfg: dict) -> Port:
+    chatglm.check_version(cfg)  # ChatGLM-6B v1: a one-line refusal
+    return chatglm.PORT
+
+
+#: The one registry: each ported ``model_type``, its ports, and how its config picks one
+#: (``None``: the family has one port).
+FAMILIES: dict[str, tuple[tuple[Port, ...], Callable[[dict], Port] | None]] = {
+    "internlm": ((internlm.PORT,), None),
+    "internlm2": ((internlm2.PORT,), None),
+    "baichuan": (baichuan.PORTS, baichuan.select),
+    "chatglm": ((chatglm.PORT,), _chatglm),
+    "qwen": ((qwen.PORT,), None),
+}
+MODEL_TYPES = tuple(FAMILIES)
+PORTS: dict[str, Port] = {p.family: p for ports, _ in FAMILIES.values() for p in ports}
 #: packtune's own model types, registered with transformers' Auto classes on import.
 NATIVE_MODEL_TYPES = ("baichuan_alibi",)
 
@@ -41,13 +59,11 @@ def find_port(cfg: dict) -> Port | None:
         if meta.get("family") not in PORTS:
             raise PortError(f"config.json names an unknown packtune port {meta.get('family')!r}; known: {', '.join(PORTS)}")
         return PORTS[meta["family"]]
-    model_type = cfg.get("model_type")
-    if model_type == "baichuan":
-        return baichuan.select(cfg)
-    if model_type == "chatglm":
-        chatglm.check_version(cfg)
-        return chatglm.PORT
-    return {"internlm": internlm.PORT, "internlm2": internlm2.PORT, "qwen": qwen.PORT}.get(model_type)
+    family = FAMILIES.get(cfg.get("model_type"))
+    if family is None:
+        return None
+    ports, select = family
+    return ports[0] if select is None else select(cfg)
 
 
 def check_known(cfg: dict, source: str, trust_remote_code: bool = False) -> None:

@@ -15,6 +15,7 @@ same way afterwards. A kill at any moment leaves the previous checkpoint and poi
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import re
@@ -24,10 +25,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from packtune.config.settings import Settings
+
 LAST = "last_checkpoint"
+#: The file a checkpoint folder's writer describes it in (engine, meta, state keys).
+INFO = "packtune.json"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a rename into ``path`` durable (fsync the folder; nothing where it cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -46,7 +52,7 @@ def _atomic_write(path: str, mode: str, write) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -113,13 +119,20 @@ def rotate(work_dir: str, keep: int) -> list[str]:
     return doomed
 
 
+def read_info(folder: str) -> dict:
+    """The ``INFO`` file of a checkpoint folder (``{}`` when it has none)."""
+    path = os.path.join(folder, INFO)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_meta(path: str) -> dict:
     """The run's ``meta`` (step, data position, geometry, settings) saved with a checkpoint,
     read without loading its tensors (``packtune.json`` of a folder; a file is memory-mapped)."""
     if os.path.isdir(path):
-        from packtune.recipe import sharded  # it imports this module
-
-        return sharded.read_info(path).get("meta") or {}
+        return read_info(path).get("meta") or {}
     state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     return state.get("meta") or {}
 
@@ -127,7 +140,7 @@ def read_meta(path: str) -> dict:
 # --- what goes in ----------------------------------------------------------------------------
 
 
-def needs_full_state(settings) -> bool:
+def needs_full_state(settings: Settings) -> bool:
     """A LoRA run on a downloaded base saves only what trains; a random-init base saves all."""
     return not settings.lora or settings.model_config is not None
 

@@ -50,6 +50,7 @@ import os
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv, ensure_process_group
 from packtune.modeling import text_config
 from packtune.recipe import checkpoint as ckpt
@@ -171,7 +172,7 @@ def fill_auto(config: dict, *, micro_batch: int, accumulation: int, world_size: 
     return config
 
 
-def run_config(deepspeed_config: str | dict | None, settings, world_size: int, dtype: torch.dtype,
+def run_config(deepspeed_config: str | dict | None, settings: Settings, world_size: int, dtype: torch.dtype,
                hidden_size: int | None) -> dict:
     """The DeepSpeed config of a run: ``--deepspeed`` (default ``deepspeed_zero2``) with every
     ``"auto"`` filled from the settings (``fill_auto``)."""
@@ -246,7 +247,7 @@ class DeepSpeedEngine(Engine):
 
     name = "deepspeed"
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config,
+    def __init__(self, model, env: DistEnv, settings: Settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config,
                  resume: str | None = None):
         deepspeed = require_deepspeed()
         prepare_deepspeed(env)

@@ -29,6 +29,7 @@ import os
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.modeling import transformers_model
 from packtune.recipe import checkpoint as ckpt
@@ -70,7 +71,7 @@ class FSDPEngine(Engine):
     def loss_scaling(self) -> bool:
         return self.scaler is not None
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, weights=None):
+    def __init__(self, model, env: DistEnv, settings: Settings, total_steps: int, compute_dtype: torch.dtype, weights=None):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

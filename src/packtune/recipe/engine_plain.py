@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe import checkpoint as ckpt
 from packtune.recipe.engine_base import Engine, build_optimizer, grad_scaler, lr_lambda, not_my_checkpoint
@@ -17,7 +18,7 @@ class PlainEngine(Engine):
 
     name = "single"
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
+    def __init__(self, model, env: DistEnv, settings: Settings, total_steps: int, compute_dtype: torch.dtype):
         self.env = env
         self.model = model
         self.settings = settings
@@ -80,7 +81,7 @@ class DDPEngine(PlainEngine):
 
     name = "ddp"
 
-    def __init__(self, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype):
+    def __init__(self, model, env: DistEnv, settings: Settings, total_steps: int, compute_dtype: torch.dtype):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.device.index] if env.device.type == "cuda" else None

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe.engine_plain import DDPEngine, PlainEngine
 
 
-def make_engine(kind: str, model, env: DistEnv, settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None,
+def make_engine(kind: str, model, env: DistEnv, settings: Settings, total_steps: int, compute_dtype: torch.dtype, deepspeed_config=None,
                 *, resume: str | None = None, weights=None):
     """The engine for ``kind``: ``"single"``, ``"ddp"``, ``"fsdp"`` or ``"deepspeed"``.
 

@@ -12,20 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.data import render_prompt
-from packtune.data.templates import get_template
+from packtune.data.templates import get_template, stop_token_ids
 from packtune.modeling import autocast_context
 from packtune.recipe.model_setup import compute_dtype
-
-
-def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
-    """The EOS id and the id of every stop string that is one token, sorted."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for text in stops:
-        enc = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1:
-            ids.append(enc[0])
-    return sorted(set(ids))
 
 
 @torch.no_grad()
@@ -70,7 +61,7 @@ def generate_reply(
     return text.strip()
 
 
-def evaluate(model, tokenizer, settings) -> list[dict]:
+def evaluate(model, tokenizer, settings: Settings) -> list[dict]:
     """Replies to every ``evaluation_inputs`` prompt: ``[{"prompt", "answer"}]``, under the
     autocast of the training step (``dtype``)."""
     dtype = compute_dtype(settings.dtype, next(model.parameters()).device)

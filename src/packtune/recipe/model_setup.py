@@ -8,6 +8,7 @@ import importlib.util
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from packtune.config.settings import Settings
 from packtune.modeling import check_no_leak, enable_varlen
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,14 +31,14 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def model_source(settings) -> str:
+def model_source(settings: Settings) -> str:
     """A short description of where the weights come from (for logs and errors)."""
     if settings.model_config is not None:
         return f"random-init {settings.model_config.get('model_type')}"
     return str(settings.pretrained_model_name_or_path)
 
 
-def _quantization(settings, device: torch.device):
+def _quantization(settings: Settings, device: torch.device):
     quant = (settings.lora or {}).get("quantization")
     if not quant:
         return None
@@ -58,7 +59,7 @@ def _quantization(settings, device: torch.device):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_base_model(settings: Settings, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The base model (no LoRA yet), on CPU unless quantized, with weights in ``dtype``.
 
     A pretrained model loads through ``packtune.load_model``: ported families (InternLM,
@@ -110,7 +111,7 @@ def random_init_model(config, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     return model
 
 
-def base_dtype(settings, dtype: torch.dtype) -> torch.dtype:
+def base_dtype(settings: Settings, dtype: torch.dtype) -> torch.dtype:
     """The dtype of the base model's weights: fp32 master weights for full fine-tuning
     (autocast computes in ``dtype``), ``dtype`` for the frozen base of a LoRA run."""
     return dtype if settings.lora else torch.float32
@@ -129,7 +130,7 @@ def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def build_model(settings, device: torch.device, dtype: torch.dtype, *, base: torch.nn.Module | None = None,
+def build_model(settings: Settings, device: torch.device, dtype: torch.dtype, *, base: torch.nn.Module | None = None,
                 leak_check: bool = True) -> torch.nn.Module:
     """The model to train: varlen attention (leak-checked), checkpointing, LoRA, on ``device``.
 

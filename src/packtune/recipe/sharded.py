@@ -36,11 +36,10 @@ import torch
 import torch.distributed as dist
 
 from packtune.distributed import on_main_rank
-from packtune.recipe import checkpoint as ckpt
+from packtune.recipe.checkpoint import INFO, fsync_dir, read_info
 
 INSTALL_HINT = "--deepspeed needs DeepSpeed, which is not installed: pip install 'packtune[deepspeed]' (or pip install deepspeed)"
 
-INFO = "packtune.json"
 DEEPSPEED_TAG = "state"
 #: DeepSpeed's universal form of ``state`` (made on a resume with another number of processes).
 UNIVERSAL_TAG = "state_universal"
@@ -74,7 +73,7 @@ def atomic_folder(path: str, env):
                 shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
             os.replace(path, old)
         os.replace(tmp, path)
-        ckpt._fsync_dir(os.path.dirname(os.path.abspath(path)))
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
         if old:
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     _barrier()
@@ -85,14 +84,6 @@ def write_info(folder: str, **info) -> None:
         json.dump(info, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
-
-
-def read_info(folder: str) -> dict:
-    path = os.path.join(folder, INFO)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def _select(state: dict, info: dict) -> dict:
@@ -164,7 +155,7 @@ def deepspeed_universal(folder: str, env) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, "latest_universal"))
         os.replace(tmp, target)
-        ckpt._fsync_dir(folder)
+        fsync_dir(folder)
 
     on_main_rank(env, convert)
     return UNIVERSAL_TAG

@@ -39,6 +39,7 @@ import os
 
 import torch
 
+from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe.model_setup import base_dtype
 from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_sources
@@ -101,7 +102,7 @@ class Construction:
 
 
 @contextlib.contextmanager
-def model_construction(kind: str, settings, env: DistEnv, dtype: torch.dtype, deepspeed: str | dict | None = None):
+def model_construction(kind: str, settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed: str | dict | None = None):
     """The ``Construction`` for engine ``kind`` (``single``, ``ddp``, ``fsdp``, ``deepspeed``),
     valid until the context exits (for ZeRO-3: transformers' DeepSpeed integration is on)."""
     construction = Construction()
@@ -193,7 +194,7 @@ def gathered_while_running(model: torch.nn.Module):
 
 
 
-def hf_config(settings):
+def hf_config(settings: Settings):
     """The transformers config of the model to train, without building it (``None`` when it
     cannot be read without remote code). For a ported family's checkpoint in its original
     layout (a local folder): its native config, as ``packtune.load_model`` builds it."""
@@ -217,7 +218,7 @@ def hf_config(settings):
         return None
 
 
-def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
+def _deepspeed_construction(settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
     from packtune.recipe.engine_deepspeed import prepare_deepspeed, run_config, zero_stage
 
     config = hf_config(settings)
@@ -250,7 +251,7 @@ def _deepspeed_construction(settings, env: DistEnv, dtype: torch.dtype, deepspee
 # --- FSDP2 -------------------------------------------------------------------------------------
 
 
-def _fsdp_construction(settings, env: DistEnv, dtype: torch.dtype) -> Construction:
+def _fsdp_construction(settings: Settings, env: DistEnv, dtype: torch.dtype) -> Construction:
     config = hf_config(settings)
     sources = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config)
     if sources is None:
@@ -261,7 +262,7 @@ def _fsdp_construction(settings, env: DistEnv, dtype: torch.dtype) -> Constructi
     return Construction("fsdp_stream", base=base, weights=StreamedWeights(base, sources), leak_check="engine")
 
 
-def _stream_source(settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, Source] | None:
+def _stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, Source] | None:
     """The model's tensor name -> its ``Source`` in the checkpoint, when each rank can read its
     own part (safetensors in a local folder, with the model's own names or a ported family's
     original layout); else ``None``, after logging why and what happens instead.
@@ -297,7 +298,7 @@ def _stream_source(settings, env: DistEnv, engine: str, otherwise: str, config=N
     return sources
 
 
-def _cannot_stream(settings, config) -> str | None:
+def _cannot_stream(settings: Settings, config) -> str | None:
     from transformers import CONFIG_MAPPING
 
     if settings.model_config is not None:

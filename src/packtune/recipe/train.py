@@ -25,6 +25,7 @@ import torch
 
 from packtune import __version__
 from packtune.config import settings_to_dict
+from packtune.config.settings import Settings
 from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
 from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank, peak_memory
 from packtune.modeling import check_no_leak
@@ -85,7 +86,7 @@ def _resume_path(opts: RunOptions) -> str | None:
     return opts.resume
 
 
-def _keep_global_batch(settings, meta: dict, path: str, dp_size: int):
+def _keep_global_batch(settings: Settings, meta: dict, path: str, dp_size: int):
     """``settings`` with the accumulation that keeps the checkpoint's global batch on this many
     data-parallel ranks (``keep_global_batch``; the processes, or the sequence-parallel groups
     under ``sequence_parallel_size``); a run that cannot keep it stops in one line."""
@@ -101,7 +102,7 @@ def _keep_global_batch(settings, meta: dict, path: str, dp_size: int):
     return dataclasses.replace(settings, accumulative_counts=accumulation)
 
 
-def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
+def _collate(dataset, pack_ids: list[int], settings: Settings, pad_id: int):
     packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
     if not settings.use_varlen_attn:
         return collate_padded(packs, pad_token_id=pad_id)
@@ -110,7 +111,7 @@ def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
     return collate_varlen(packs, pad_to_multiple_of=sp if sp > 1 else None, pad_token_id=pad_id)
 
 
-def _prepare_data(settings, tokenizer, env: DistEnv):
+def _prepare_data(settings: Settings, tokenizer, env: DistEnv):
     """Tokenize and pack on the main rank first, so the others read its cache.
 
     A failure there (a bad row, a missing file) is raised on every rank (``on_main_rank``), so
@@ -122,7 +123,7 @@ def _prepare_data(settings, tokenizer, env: DistEnv):
     return dataset if env.is_main else build_dataset(options, tokenizer)
 
 
-def _sequence_parallel(settings, env: DistEnv) -> SequenceParallel | None:
+def _sequence_parallel(settings: Settings, env: DistEnv) -> SequenceParallel | None:
     """The ``(dp, sp)`` grid for ``sequence_parallel_size`` (None when it is 1); a world it
     cannot split is a one-line ``SetupError`` naming the sizes that work."""
     try:
@@ -134,7 +135,7 @@ def _sequence_parallel(settings, env: DistEnv) -> SequenceParallel | None:
     return sp
 
 
-def _check_splittable(settings, env: DistEnv, model) -> None:
+def _check_splittable(settings: Settings, env: DistEnv, model) -> None:
     """A model sequence parallelism cannot split is a one-line ``SetupError``."""
     try:
         check_splittable(model, settings.sequence_parallel_size, env.world_size)
@@ -142,7 +143,7 @@ def _check_splittable(settings, env: DistEnv, model) -> None:
         raise SetupError(str(exc)) from exc
 
 
-def _save(engine, opts: RunOptions, settings, step: int, plan: StepPlan, env: DistEnv) -> str:
+def _save(engine, opts: RunOptions, settings: Settings, step: int, plan: StepPlan, env: DistEnv) -> str:
     path = ckpt.checkpoint_path(opts.work_dir, step)
     meta = {
         "step": step,
@@ -162,7 +163,7 @@ def _save(engine, opts: RunOptions, settings, step: int, plan: StepPlan, env: Di
     return path
 
 
-def _evaluate(engine, tokenizer, settings, metrics: MetricsLogger, step: int, env: DistEnv) -> None:
+def _evaluate(engine, tokenizer, settings: Settings, metrics: MetricsLogger, step: int, env: DistEnv) -> None:
     if not settings.evaluation_inputs:
         return
     answers = evaluate(engine.unwrapped(), tokenizer, settings)
@@ -174,7 +175,7 @@ def _evaluate(engine, tokenizer, settings, metrics: MetricsLogger, step: int, en
             metrics.text("eval", f"**{item['prompt']}**\n\n{item['answer']}", step)
 
 
-def train(settings, opts: RunOptions) -> dict:
+def train(settings: Settings, opts: RunOptions) -> dict:
     """Train ``settings`` as ``opts`` says; returns a summary (steps, last loss, checkpoint).
 
     An error on one rank is logged with that rank's number, and the rank leaves the process
@@ -215,7 +216,7 @@ def _injected_fault(env: DistEnv) -> int | None:
     return step if rank == env.rank else None
 
 
-def _train(settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitStack) -> dict:
+def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitStack) -> dict:
     # --- setup ------------------------------------------------------------------------------
     _setup_logging(env)
     os.makedirs(opts.work_dir, exist_ok=True)

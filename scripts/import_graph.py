@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("packtune",),               # the package root: version, lazy names, registration hooks
     ("attention",),              # varlen kernels and the transformers attention function
     ("parallel",),               # sequence parallelism around the attention
+    ("layers",),                 # varlen forms of layers with state (scans, convolutions) and odd attention
     ("packing",),                # packs, plans and batches (a Batch carries a parallel context)
     ("data", "loss"),            # rows to packed datasets; the loss over packed rows
     ("modeling",),               # a model switched to varlen attention

@@ -178,10 +178,10 @@ def test_models_that_mix_tokens_outside_attention_are_refused_in_one_line():
 
 
 def test_boundary_hook_leaves_a_shard_to_its_context():
-    from packtune.modeling import _attach_boundaries
+    from packtune.attention.hf import attach_boundaries
 
     kwargs = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "position_ids": torch.tensor([[4, 0, 1, 0]]), SP_KWARG: object()}
-    assert _attach_boundaries(None, (), kwargs) is None and "cu_seq_lens_q" not in kwargs
+    assert attach_boundaries(None, (), kwargs) is None and "cu_seq_lens_q" not in kwargs
 
 
 # --- several processes ---------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from packtune.attention.hf import (
     BACKEND_ATTR,
     BOUNDARIES_KWARG,
     SP_KWARG,
+    attach_boundaries,
     cu_seqlens_from_position_ids,
     forward_boundaries,
     text_config,
@@ -63,60 +64,10 @@ def autocast_context(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _has_padding(mask) -> bool:
-    return mask is not None and not bool(mask.all())
-
-
-def _attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook on the backbone: the document boundaries of the batch, validated once.
-
-    ``cu_seq_lens_q/k`` come from the batch, or from restarting ``position_ids``; they are
-    validated here (one host read), moved to the tokens' device as int32 with the longest
-    document as ``max_length_q/k``, and handed to every layer as ``Boundaries`` (keyword
-    ``packtune_boundaries``): no layer reads them back on the host, so a CUDA forward makes no
-    device sync per layer. Done once per forward, it also reaches models whose attention never
-    sees ``position_ids`` (GPT-BigCode), where a packed row given by positions alone would
-    otherwise be one long document. Decoding with a filled KV cache, and rows with real
-    padding, are left alone (the dense-mask path handles them).
-    """
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    if cu_q is None and kwargs.get("position_ids") is None:
-        return None
-    if kwargs.get(SP_KWARG) is not None:
-        return None  # a sequence-parallel shard: its context holds the whole row's documents
-    cache = kwargs.get("past_key_values", kwargs.get("cache"))
-    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
-        return None
-    if _has_padding(kwargs.get("attention_mask")):
-        return None
-    tokens = kwargs.get("input_ids", args[0] if args else None)
-    if tokens is None:
-        tokens = kwargs.get("inputs_embeds")
-    if tokens is None:
-        return None
-    rows, length = tokens.shape[:2]
-    if cu_q is None:
-        pos = kwargs["position_ids"]
-        if pos.shape[-1] != length:
-            return None
-        cu_q = cu_k = cu_seqlens_from_position_ids(pos, rows)
-    elif cu_k is None:
-        return None  # half a pair: the attention reports it per layer
-    bounds = forward_boundaries(cu_q, cu_k, tokens.device)
-    kwargs.update(
-        cu_seq_lens_q=bounds.q.tensor,
-        cu_seq_lens_k=bounds.k.tensor,
-        max_length_q=bounds.q.longest,
-        max_length_k=bounds.k.longest,
-        **{BOUNDARIES_KWARG: bounds},
-    )
-    return args, kwargs
-
-
 def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Module:
     """Route every attention layer of ``model`` through ``varlen_attn_func``; cache off.
 
-    Also installs ``_attach_boundaries`` on the model's backbone, so a packed row given by
+    Also installs ``attach_boundaries`` on the model's backbone, so a packed row given by
     ``position_ids`` alone is exact on every family, and gives every layer with state (scans,
     causal convolutions) its varlen form from ``packtune.layers.VARLEN_LAYERS``. Raises
     ``ValueError`` when the model cannot switch attention implementation (remote code that does
@@ -146,7 +97,7 @@ def enable_varlen(model: torch.nn.Module, backend: str = "auto") -> torch.nn.Mod
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone = getattr(inner, "base_model", None) or inner
     if not getattr(backbone, "_packtune_boundaries", False):
-        backbone.register_forward_pre_hook(_attach_boundaries, with_kwargs=True)
+        backbone.register_forward_pre_hook(attach_boundaries, with_kwargs=True)
         backbone._packtune_boundaries = True
     return model
 

@@ -35,6 +35,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from packtune.attention.backends import math_attention, sdpa_attention
+from packtune.attention.segments import Segments
 from packtune.attention.varlen import CuSeqlens, varlen_attn_func
 from packtune.config.settings import ATTN_IMPLEMENTATION
 
@@ -120,6 +121,56 @@ def _window(sliding_window: int | None, causal: bool) -> tuple[int, int]:
     return (sliding_window - 1, 0 if causal else sliding_window - 1)
 
 
+def has_padding(mask) -> bool:
+    return mask is not None and not bool(mask.all())
+
+
+def attach_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook on the backbone: the document boundaries of the batch, validated once.
+
+    ``cu_seq_lens_q/k`` come from the batch, or from restarting ``position_ids``; they are
+    validated here (one host read), moved to the tokens' device as int32 with the longest
+    document as ``max_length_q/k``, and handed to every layer as ``Boundaries`` (keyword
+    ``packtune_boundaries``): no layer reads them back on the host, so a CUDA forward makes no
+    device sync per layer. Done once per forward, it also reaches models whose attention never
+    sees ``position_ids`` (GPT-BigCode), where a packed row given by positions alone would
+    otherwise be one long document. Decoding with a filled KV cache, and rows with real
+    padding, are left alone (the dense-mask path handles them).
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and kwargs.get("position_ids") is None:
+        return None
+    if kwargs.get(SP_KWARG) is not None:
+        return None  # a sequence-parallel shard: its context holds the whole row's documents
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        return None
+    if has_padding(kwargs.get("attention_mask")):
+        return None
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if tokens is None:
+        return None
+    rows, length = tokens.shape[:2]
+    if cu_q is None:
+        pos = kwargs["position_ids"]
+        if pos.shape[-1] != length:
+            return None
+        cu_q = cu_k = cu_seqlens_from_position_ids(pos, rows)
+    elif cu_k is None:
+        return None  # half a pair: the attention reports it per layer
+    bounds = forward_boundaries(cu_q, cu_k, tokens.device)
+    kwargs.update(
+        cu_seq_lens_q=bounds.q.tensor,
+        cu_seq_lens_k=bounds.k.tensor,
+        max_length_q=bounds.q.longest,
+        max_length_k=bounds.k.longest,
+        **{BOUNDARIES_KWARG: bounds},
+    )
+    return args, kwargs
+
+
 def _dense(query, key, value, mask, scaling, softcap, dropout, docs, sinks=None, indices=None):
     """Attention with a dense 4-D mask (padded batches, decoding, models whose own code builds
     the mask); ``docs`` ``(rows, len)`` document index of each token (``None``: one per row).
@@ -165,8 +216,6 @@ def _dense_documents(kwargs: dict, rows: int, tq: int, tk: int, position_ids) ->
         return None
     hooked = kwargs.get(BOUNDARIES_KWARG)
     if isinstance(hooked, Boundaries) and hooked.q.total == rows * tq:
-        from packtune.layers.segments import Segments
-
         return Segments.build(hooked.q, rows, tq).seq_idx.long()
     if position_ids is not None and position_ids.shape[-1] == tq:
         return _document_ids(position_ids, rows)

@@ -266,9 +266,9 @@ def mamba_lm_forward(model: torch.nn.Module, *args, **kwargs):
     boundary hook, called on the LM's own inputs) and given to every block for this forward,
     which gives them to its mixer (inside its gradient checkpoint, when it has one)."""
     from packtune.attention.hf import BOUNDARIES_KWARG
-    from packtune.modeling import _attach_boundaries
+    from packtune.attention.hf import attach_boundaries
 
-    attached = _attach_boundaries(model, args, kwargs)
+    attached = attach_boundaries(model, args, kwargs)
     if attached is not None:
         args, kwargs = attached
     bounds = kwargs.get(BOUNDARIES_KWARG)

@@ -47,7 +47,7 @@ from packtune.attention.hf import (
     forward_boundaries,
 )
 from packtune.attention.varlen import CuSeqlens, varlen_attn_func
-from packtune.modeling import _has_padding
+from packtune.attention.hf import has_padding
 from packtune.ports.baichuan_alibi_config import BaichuanAlibiConfig
 from packtune.ports.norm_head import NormHead
 
@@ -220,7 +220,7 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
                 hooked = forward_boundaries(cu_seq_lens_q, cu_k, hidden.device)
             boundaries = Boundaries.of(hooked, max_length_q, max_length_k)
         else:
-            mask = attention_mask if _has_padding(attention_mask) else None
+            mask = attention_mask if has_padding(attention_mask) else None
             boundaries = document_boundaries(rows, tq, past, mask, position_ids, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, boundaries=boundaries, cache=cache)

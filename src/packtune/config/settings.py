@@ -14,7 +14,7 @@ from typing import Any
 # reading and validating a config never needs torch; tests check they stay in sync.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attn", "torch")
-DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text")
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text", "preference")
 PROMPT_TEMPLATES = (
     "auto", "tokenizer", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
     "internlm2_chat", "gemma", "deepseek", "yi", "vicuna", "chatglm3", "baichuan2_chat",
@@ -25,6 +25,9 @@ BAD_ROW_POLICIES = ("skip", "error")
 LOSS_REDUCTIONS = ("token", "sample", "square")
 NONFINITE_LOSS_POLICIES = ("error", "skip")
 LORA_QUANTIZATION = (None, "4bit", "8bit")
+#: Training objectives (``method``) and DPO losses (``dpo_loss``): see ``packtune.preference``.
+METHODS = ("sft", "dpo", "simpo", "orpo", "reward")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 #: Default ``loss_chunk_size``: at a 151,936-token vocabulary a 1,024-token chunk is 0.6 GB of
 #: fp32 logits (4,096 would be 2.5 GB), and 1,024 rows keep the vocabulary product efficient.
@@ -130,10 +133,22 @@ class Settings:
     lora: dict | None = _f(
         None, MODEL, "None = full fine-tuning; dict(r, alpha, dropout, target_modules, quantization)")
 
+    # --- Objective (preference training: packtune.preference) ---------------------------
+    method: str = _f("sft", 1, "sft|dpo|simpo|orpo|reward (the last four train on preference pairs)")
+    dpo_loss: str = _f("sigmoid", SCHEDULE, "method='dpo': sigmoid|ipo|hinge, as TRL's DPOTrainer")
+    beta: float = _f(0.1, 1, "dpo/simpo: the reward scale; orpo: the odds-ratio weight")
+    simpo_gamma: float = _f(0.5, SCHEDULE, "method='simpo': the target reward margin")
+    ref_model: str | None = _f(
+        None, MODEL, "method='dpo': None = a frozen copy of the starting weights (LoRA: the base, adapter off), else a path or hub id")
+    precompute_ref_log_probs: bool = _f(
+        False, SCHEDULE, "method='dpo': compute the reference's log-probs once before training")
+    center_rewards_coefficient: float | None = _f(
+        None, SCHEDULE, "method='reward': weight of mean((r_chosen + r_rejected)^2), as TRL's RewardTrainer")
+
     # --- Data --------------------------------------------------------------------------
     dataset: str | list[str] = field(metadata={
         "part": 1, "doc": "HF dataset id, local path(s), or packtune://NAME (required)"})
-    dataset_format: str = _f("auto", 1, "auto|alpaca|sharegpt|messages|oasst1|text")
+    dataset_format: str = _f("auto", 1, "auto|alpaca|sharegpt|messages|oasst1|text|preference")
     dataset_split: str = _f("train", DATASET, "split to train on")
     dataset_streaming: bool = _f(False, DATASET, "read a hub dataset as a stream (no full download first)")
     max_samples: int | None = _f(None, DATASET, "use only the first N rows (None = all)")

@@ -18,6 +18,7 @@ from typing import Any
 from packtune.config import settings as S
 from packtune.config.settings import Problem, Settings
 from packtune.parallel.sizes import heads_problem
+from packtune.preference.settings import preference_problems
 
 # Common spellings of valid choices that difflib does not find on its own.
 ALIASES = {
@@ -275,6 +276,13 @@ CHECKS: dict[str, Check] = {
     "evaluation_inputs": Check("a list of non-empty strings", [], _text_list),
     "max_new_tokens": INT(1),
     "seed": INT(0),
+    "method": CHOICE(S.METHODS),
+    "dpo_loss": CHOICE(S.DPO_LOSSES),
+    "beta": NUMBER(0, low_open=True, example=0.1),
+    "simpo_gamma": NUMBER(0, example=0.5),
+    "ref_model": OPT_TEXT,
+    "precompute_ref_log_probs": BOOL,
+    "center_rewards_coefficient": OPTIONAL(NUMBER(0, example=0.01)),
 }
 
 LORA_CHECKS: dict[str, Check] = {
@@ -442,6 +450,7 @@ def _combinations(v: Mapping[str, Any], problems: list[Problem]) -> None:
     if ok("pack_strategy", "pack_to_max_length") and v["pack_strategy"] == "concat" and not v["pack_to_max_length"]:
         add("pack_strategy", "`pack_strategy = 'concat'` cuts the token stream into packed rows, but `pack_to_max_length = False`",
             "set `pack_to_max_length = True` (with `use_varlen_attn = True`), or `pack_strategy = 'bfd'`")
+    preference_problems(v, ok, add)
     if ok("lora", "model_config") and v["lora"] and v["lora"]["quantization"] and v["model_config"] is not None:
         add("lora", "`lora['quantization']` (QLoRA) quantizes pretrained weights at load time; a random-init "
             "`model_config` has none", "set `lora['quantization'] = None`, or fine-tune a pretrained model")

@@ -42,7 +42,8 @@ from typing import Any
 from packtune.data.errors import DataError
 
 FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "messages", "oasst1", "text")
-FORMAT_NAMES: tuple[str, ...] = ("auto", *FORMATS)
+#: ``preference`` rows (prompt/chosen/rejected) are read by ``packtune.preference.data``, not ``to_sample``.
+FORMAT_NAMES: tuple[str, ...] = ("auto", *FORMATS, "preference")
 
 #: Why a row is skipped, with what it means.
 BAD_ROW_REASONS: dict[str, str] = {
@@ -58,6 +59,10 @@ BAD_ROW_REASONS: dict[str, str] = {
     "empty_text": "the text is empty",
     "template_error": "the chat template cannot render the conversation",
     "reply_not_found": "the chat template's text around a reply changes with its words: no reply located",
+    # Preference pairs (packtune.preference.data).
+    "identical_completions": "the chosen and rejected completions are the same",
+    "no_prompt": "the pair has no prompt (the conversations share no messages before their replies)",
+    "empty_completion": "a completion has no text to train",
 }
 
 SHAREGPT_ROLES = {
@@ -109,6 +114,8 @@ def detect_format(rows: Iterable[Any], where: str = "the data") -> str:
         raise DataError(f"cannot detect the format of {where}: no JSON object among its first rows; "
                          f"set dataset_format to one of {', '.join(FORMATS)}")
     keys: set[str] = set().union(*(r.keys() for r in rows))
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "conversations" in keys or "messages" in keys:
         field_ = "conversations" if "conversations" in keys else "messages"
         for r in rows:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import torch
@@ -64,6 +65,11 @@ def load_base_model(settings, device: torch.device, dtype: torch.dtype = torch.f
     A pretrained model loads through ``packtune.load_model``: ported families (InternLM,
     Baichuan, ChatGLM2/3, Qwen-1) become their native class, without remote code.
     """
+    if getattr(settings, "method", "sft") == "reward":  # AutoModelForSequenceClassification, num_labels=1
+        from packtune.preference.model import load_reward_model
+
+        causal = dataclasses.replace(settings, method="sft", dataset_format="auto", center_rewards_coefficient=None)
+        return load_reward_model(settings, dtype, lambda s: load_base_model(causal, device, dtype))
     if settings.model_config is not None:
         return random_init_model(AutoConfig.for_model(**copy.deepcopy(settings.model_config)), dtype, settings.seed)
     from packtune.ports.api import load_model
@@ -150,7 +156,12 @@ def build_model(settings, device: torch.device, dtype: torch.dtype, *, base: tor
         model.to(device)  # a base built elsewhere stays on the CPU: its engine places its shards
     if settings.use_varlen_attn and leak_check:
         # Under the training step's autocast: the check runs the kernel training will run.
-        check_no_leak(model, dtype=dtype)
+        if getattr(settings, "method", "sft") == "reward":
+            from packtune.preference.model import check_reward_no_leak
+
+            check_reward_no_leak(model, dtype=dtype)
+        else:
+            check_no_leak(model, dtype=dtype)
     if settings.gradient_checkpointing:
         # transformers >= 5.x renames it activation checkpointing; older releases have only this name.
         if hasattr(model, "activation_checkpointing_enable"):

@@ -104,8 +104,8 @@ def make_reference(settings, engine, model_before_engine: torch.nn.Module | None
                    dtype: torch.dtype, sp=None):
     """The DPO reference as ``reference(shard, layout) -> sums`` (``packtune.preference.step``).
 
-    ``model_before_engine``: the policy as built, before an engine wrapped it (copied for the
-    frozen reference of a full fine-tune; must be called before the engine changes it)."""
+    ``model_before_engine``: a copy of the policy as built, before an engine wrapped it (the
+    frozen reference of a full fine-tune); ``None`` otherwise."""
     from packtune.preference.objective import Objective
     from packtune.preference.step import sequence_scores
     from packtune.recipe.model_setup import SetupError, build_model
@@ -117,7 +117,7 @@ def make_reference(settings, engine, model_before_engine: torch.nn.Module | None
                                            method="sft", beta=0.1, dpo_loss="sigmoid", ref_model=None,
                                            precompute_ref_log_probs=False, dataset_format="auto")
         ref = build_model(ref_settings, device, dtype)
-        check_same_vocabulary(tokenizer, settings.ref_model, ref, model_before_engine or engine.unwrapped(),
+        check_same_vocabulary(tokenizer, settings.ref_model, ref, engine.unwrapped(),
                               settings.trust_remote_code)
         module = _frozen(ref)
     elif settings.lora:
@@ -129,7 +129,7 @@ def make_reference(settings, engine, model_before_engine: torch.nn.Module | None
         if model_before_engine is None or any(p.is_meta for p in model_before_engine.parameters()):
             raise SetupError("the frozen reference copies the starting weights, which this engine builds sharded; "
                              "set `ref_model` to the starting checkpoint, or train with LoRA")
-        module = _frozen(copy.deepcopy(model_before_engine))
+        module = _frozen(model_before_engine)
 
     def by_model(mb, layout):
         with torch.no_grad():

@@ -43,7 +43,7 @@ TINY = [n for n in NAMES if n.startswith("tiny_")]
 
 def test_catalog_is_one_table_plus_the_tiny_files():
     assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
-    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 5
+    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 6
     assert NAMES == sorted(NAMES) == sorted([*REAL, *TINY])
     assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY
@@ -114,14 +114,17 @@ def test_a_builtin_config_that_raises_names_its_line(monkeypatch):
 def test_tiny_configs_run_offline_on_a_cpu(name):
     s = load_settings(name)
     assert s.pretrained_model_name_or_path is None and s.model_config is not None
-    assert s.tokenizer_name_or_path == "packtune://mistral-v1" and s.dataset == "packtune://demo_tasks.jsonl"
-    assert s.dataset_format == "alpaca" and s.dtype == "float32" and s.use_varlen_attn and s.pack_to_max_length
+    pairs = "_dpo_" in name  # preference pairs made from the demo tasks (packtune.demo_data.build_demo_pairs)
+    assert s.tokenizer_name_or_path == "packtune://mistral-v1"
+    assert s.dataset == ("packtune://demo_pairs.jsonl" if pairs else "packtune://demo_tasks.jsonl")
+    assert s.dataset_format == ("preference" if pairs else "alpaca") and s.method == ("dpo" if pairs else "sft")
+    assert s.dtype == "float32" and s.use_varlen_attn and s.pack_to_max_length
     assert 256 <= s.max_length <= 512 and s.max_steps is not None and s.max_steps <= 300
     mc = s.model_config
     assert mc["vocab_size"] == 32000 and mc["max_position_embeddings"] >= s.max_length
     assert 64 <= mc["hidden_size"] <= 128 and mc["num_hidden_layers"] == 2
     assert (mc["num_attention_heads"], mc["num_key_value_heads"]) == (4, 2)
-    assert s.lora is None if "_full_" in name else s.lora is not None
+    assert s.lora is None if "_full_" in name or pairs else s.lora is not None
 
 
 def test_tiny_configs_build_real_architectures():

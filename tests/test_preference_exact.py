@@ -161,7 +161,8 @@ def plain_step(objective: Objective, policy, ref, samples, margins):
     return float(total), _grads(policy), acc
 
 
-def packed_step(objective, policy, ref, dataset, batch_size, accumulation, chunk):
+def packed_step(objective, policy, ref, dataset, batch_size, accumulation, chunk, reference=None):
+    """packtune's step; the DPO reference is ``ref``'s log-probs, or ``reference`` when given."""
     order = list(range(len(dataset)))
     per_mb = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     assert len(per_mb) <= accumulation
@@ -170,12 +171,12 @@ def packed_step(objective, policy, ref, dataset, batch_size, accumulation, chunk
 
     batches = [collate_pairs([dataset[j] for j in ids] or [empty_pack()]) for ids in per_mb]
 
-    def reference(mb, layout):
+    def by_ref(mb, layout):
         with torch.no_grad():
             return sequence_scores(ref, mb, layout, objective, torch.float32, chunk, None)
 
     policy.zero_grad(set_to_none=True)
-    result = accumulate_preference(_engine(policy), batches, objective, torch.float32, chunk, reference=reference)
+    result = accumulate_preference(_engine(policy), batches, objective, torch.float32, chunk, reference=reference or by_ref)
     return result, _grads(policy)
 
 

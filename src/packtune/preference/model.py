@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,10 +92,9 @@ def check_same_vocabulary(policy_tokenizer, ref_path: str, ref_model: torch.nn.M
     if a != b:
         raise SetupError(f"ref_model {ref_path!r} has a vocabulary of {b} tokens, the policy {a}: "
                          "a reference must share the policy's tokenizer")
-    try:
-        ref_tok = load_tokenizer(ref_path, trust_remote_code)
-    except Exception:  # a folder without tokenizer files: the vocabulary size was checked
-        return
+    if os.path.isdir(ref_path) and not any(f.startswith(("tokenizer", "vocab")) for f in os.listdir(ref_path)):
+        return  # a folder of weights alone: the vocabulary size was checked
+    ref_tok = load_tokenizer(ref_path, trust_remote_code)
     if ref_tok.get_vocab() != policy_tokenizer.get_vocab():
         raise SetupError(f"ref_model {ref_path!r} has another tokenizer than the policy (their vocabularies differ): "
                          "a reference must share the policy's tokenizer")

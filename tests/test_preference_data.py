@@ -106,3 +106,21 @@ def test_valid_preference_settings():
 def test_bundled_demo_pairs_are_build_demo_pairs():
     text = resources.files("packtune").joinpath("assets/demo_pairs.jsonl").read_text()
     assert [json.loads(line) for line in text.splitlines()] == build_demo_pairs()
+
+
+def test_log_dataset_shows_pairs(tmp_path, monkeypatch, capsys):
+    """``packtune log-dataset`` on a DPO config packs and shows pairs: each pair's chosen then
+    rejected sequence, the reply marked as trained, the report counting pairs."""
+    from packtune.cli.main import main
+
+    monkeypatch.setenv("PACKTUNE_CACHE", str(tmp_path / "cache"))
+    assert main(["log-dataset", "tiny_mistral_dpo_demo", "--show", "1", "--cfg-options", "max_samples=8"]) == 0
+    out = capsys.readouterr().out
+    assert "(whole pairs)" in out  # the report of the pair packer
+    docs = [line for line in out.splitlines() if line.startswith("--- document")]
+    roles = [line.split(", ")[1] for line in docs]
+    assert len(docs) % 2 == 0 and len(docs) >= 4
+    for chosen, rejected in zip(roles[0::2], roles[1::2]):
+        pair = chosen.removesuffix(" chosen")
+        assert chosen.endswith(" chosen") and rejected == f"{pair} rejected"
+    assert out.count("[/INST]«") == len(docs)  # every completion trained from the end of its prompt

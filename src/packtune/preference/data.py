@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -392,3 +392,13 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
     report.check()
     return PairDataset(samples, layout, report, cat(margins, np.float64), cat(row_ids, np.int64), seed=options.seed,
                        tokenizer_info=tokenizer_info(tokenizer), template=template.name)
+
+
+def dataset_builder(method: str) -> Callable[[Any, Any], Any]:
+    """The builder of a run's data, ``builder(options, tokenizer)``: packs of samples for
+    ``method = 'sft'`` (``packtune.data.build_dataset``), packs of whole pairs for the others."""
+    if method == "sft":
+        from packtune.data import build_dataset
+
+        return build_dataset
+    return build_preference_dataset

@@ -26,7 +26,7 @@ import torch
 
 from packtune import __version__
 from packtune.config import settings_to_dict
-from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
+from packtune.data import DataError, DataOptions, load_tokenizer
 from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank, peak_memory
 from packtune.modeling import check_no_leak
 from packtune.packing.collate import collate_padded, collate_varlen
@@ -131,9 +131,9 @@ def _prepare_data(settings, tokenizer, env: DistEnv):
     error, each task's last line is then the cause, not a peer's broken connection.
     """
     options = DataOptions.from_settings(settings)
-    build = build_dataset
-    if settings.method != "sft":
-        from packtune.preference.data import build_preference_dataset as build
+    from packtune.preference.data import dataset_builder
+
+    build = dataset_builder(settings.method)
     dataset = on_main_rank(env, lambda: build(options, tokenizer), shared=(DataError,))
     return dataset if env.is_main else build(options, tokenizer)
 

@@ -23,6 +23,11 @@ ROWS = [
      "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}]},
     {"conversations": [{"from": "human", "value": "2+2?"}], "chosen": {"from": "gpt", "value": "4"},
      "rejected": {"from": "gpt", "value": "5"}},
+    # UltraFeedback binarized (train_prefs): a `prompt` string beside whole conversations.
+    {"prompt": "2+2?", "prompt_id": "a1", "score_chosen": 8.0, "score_rejected": 2.0,
+     "chosen": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+     "rejected": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "5"}],
+     "messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
 ]
 BASE = dict(dataset="x.jsonl", model_config=dict(model_type="llama"), tokenizer_name_or_path="packtune://mistral-v1")
 
@@ -32,7 +37,7 @@ def tok():
     return load_tokenizer("packtune://mistral-v1")
 
 
-@pytest.mark.parametrize("row", ROWS, ids=["strings", "trl-prompt", "trl-whole", "llamafactory"])
+@pytest.mark.parametrize("row", ROWS, ids=["strings", "trl-prompt", "trl-whole", "llamafactory", "ultrafeedback"])
 def test_every_shape_is_the_same_pair(row, tok):
     assert detect_format([row]) == "preference"
     assert to_pair(row)[:3] == to_pair(ROWS[0])[:3]
@@ -58,7 +63,7 @@ def test_bad_rows_are_counted_per_reason(tmp_path, tok):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = build_preference_dataset(DataOptions(dataset=str(path), max_length=64, prompt_template="mistral"), tok)
     r = ds.report
-    assert r.samples_read == 7 and r.kept == 4 and r.packed == 4 and r.documents == 8
+    assert r.samples_read == 8 and r.kept == 5 and r.packed == 5 and r.documents == 10
     assert r.skipped == {"missing_field": 1, "identical_completions": 1, "empty_reply": 1}
 
 

@@ -75,6 +75,10 @@ def to_pair(row: Any) -> tuple[list[dict], list[dict], list[dict], float] | BadR
     >>> p, c, r, m = to_pair({"prompt": "2+2?", "chosen": "4", "rejected": "5"})
     >>> p, c, r, m
     ([{'role': 'user', 'content': '2+2?'}], [{'role': 'assistant', 'content': '4'}], [{'role': 'assistant', 'content': '5'}], 0.0)
+    >>> u = {"role": "user", "content": "2+2?"}
+    >>> to_pair({"prompt": "2+2?", "chosen": [u, {"role": "assistant", "content": "4"}],
+    ...          "rejected": [u, {"role": "assistant", "content": "5"}]})[:3] == (p, c, r)
+    True
     """
     if not isinstance(row, dict):
         return BadRow("not_an_object", f"a {type(row).__name__}, not an object")
@@ -90,8 +94,9 @@ def to_pair(row: Any) -> tuple[list[dict], list[dict], list[dict], float] | BadR
     chosen, rejected = _messages(row["chosen"]), _messages(row["rejected"])
     if chosen is None or rejected is None:
         return BadRow("non_string_content", "'chosen'/'rejected' must be strings, messages or message lists")
-    if prompt_value is None:
-        # Whole conversations: the prompt is their common prefix of messages.
+    if prompt_value is None or (len(chosen) > 1 and len(rejected) > 1 and chosen[0] == rejected[0]):
+        # Whole conversations: the prompt is their common prefix of messages (a `prompt` field
+        # beside them repeats its text, as UltraFeedback binarized writes it).
         k = 0
         while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
             k += 1

@@ -37,14 +37,18 @@ EXPECTED_FAMILIES = {
     "yi_6b": ("01-ai/Yi-6B", "yi", False),
     "zephyr_7b_beta": ("HuggingFaceH4/zephyr-7b-beta", "zephyr", False),
 }
-REAL = sorted(ENTRIES)
+PAIRS_PATTERN = re.compile(r"^(?P<model>[a-z0-9_]+?)_(?P<objective>dpo|orpo|reward)_ultrafeedback_e1$")
+# Preference training (issue 17): LoRA on three chat families, UltraFeedback binarized's pairs.
+PREFERENCE_FAMILIES = {"qwen2_5_7b_instruct", "llama3_8b_instruct", "internlm2_chat_7b"}
+PAIRS = sorted(n for n in ENTRIES if PAIRS_PATTERN.match(n))
+REAL = sorted(n for n in ENTRIES if n not in PAIRS)
 TINY = [n for n in NAMES if n.startswith("tiny_")]
 
 
 def test_catalog_is_one_table_plus_the_tiny_files():
     assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
-    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 6
-    assert NAMES == sorted(NAMES) == sorted([*REAL, *TINY])
+    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 126 and len(TINY) == 6 and len(PAIRS) == 9
+    assert NAMES == sorted(NAMES) == sorted([*REAL, *PAIRS, *TINY])
     assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY
     assert find_config("llama2_7b_lora_alpaca_e3.py") == find_config("llama2_7b_lora_alpaca_e3") == "llama2_7b_lora_alpaca_e3"
@@ -92,9 +96,26 @@ def test_real_config_says_what_its_name_says(name):
     assert ("Loaded through packtune's native port" in config_source(name)) is ported
 
 
+@pytest.mark.parametrize("name", PAIRS)
+def test_preference_config_says_what_its_name_says(name):
+    m = PAIRS_PATTERN.match(name)
+    assert m["model"] in PREFERENCE_FAMILIES
+    s = load_settings(name)
+    base, template, _ = EXPECTED_FAMILIES[m["model"]]
+    assert (s.pretrained_model_name_or_path, s.model_config, s.prompt_template) == (base, None, template)
+    assert (s.dataset, s.dataset_split, s.dataset_format) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs",
+                                                              "preference")
+    assert s.method == m["objective"] and s.max_epochs == 1 and s.lora is not None and s.lora["quantization"] is None
+    assert s.ref_model is None and not s.precompute_ref_log_probs  # DPO's reference: the base, adapter off
+    assert s.beta == pytest.approx(0.1) and s.use_varlen_attn and s.pack_to_max_length and s.pack_strategy != "concat"
+    assert s.evaluation_inputs == [] if s.method == "reward" else len(s.evaluation_inputs) == 2
+    assert {f"{m['model']}_{o}_ultrafeedback_e1" for o in ("dpo", "orpo", "reward")} <= set(PAIRS)
+
+
 def test_the_copy_is_the_file_the_entry_stands_for(tmp_path):
     # A rendered entry, written out, loads back to the same settings (the copy-cfg round trip).
-    for name in ("internlm_7b_full_oasst1_e3", "qwen1_5_7b_qlora_oasst1_e3", "tiny_mistral_full_demo"):
+    for name in ("internlm_7b_full_oasst1_e3", "qwen1_5_7b_qlora_oasst1_e3", "tiny_mistral_full_demo",
+                 "llama3_8b_instruct_dpo_ultrafeedback_e1"):
         path = tmp_path / f"{name}_copy.py"
         path.write_text(config_source(name))
         assert load_settings(str(path)) == load_settings(name)

@@ -95,6 +95,7 @@ def test_overflow_every_pair_accounted_for(tmp_path, tok):
     (dict(method="dpo", center_rewards_coefficient=0.1), "center_rewards_coefficient"),
     (dict(method="dpo", pack_strategy="concat"), "pack_strategy"),
     (dict(method="kto"), "method"),
+    (dict(method="reward", evaluation_inputs=["Hi"]), "evaluation_inputs"),
 ])
 def test_invalid_combinations_are_rejected_with_a_fix(bad, key):
     with pytest.raises(ConfigError) as err:

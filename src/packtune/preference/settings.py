@@ -52,6 +52,9 @@ def preference_problems(v: Mapping[str, Any], ok: Callable[..., bool], add: Call
         if not (v["use_varlen_attn"] and v["pack_to_max_length"]):
             add("method", f"`method = '{method}'` trains pairs in packed varlen rows",
                 "set `use_varlen_attn = True` and `pack_to_max_length = True`")
+    if method == "reward" and ok("evaluation_inputs") and v["evaluation_inputs"]:
+        add("evaluation_inputs", "`method = 'reward'` trains a sequence classifier, which generates no text",
+            "set `evaluation_inputs = []`")
     if method in PAIR_METHODS and ok("pack_strategy") and v["pack_strategy"] == "concat":
         add("pack_strategy", f"`pack_strategy = 'concat'` cuts samples across rows; `method = '{method}'` never splits a pair",
             "set `pack_strategy = 'bfd'` or 'sequential'")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -116,7 +117,8 @@ def make_reference(settings, engine, model_before_engine: torch.nn.Module | None
                                            model_config=None, lora=None, gradient_checkpointing=False,
                                            method="sft", beta=0.1, dpo_loss="sigmoid", ref_model=None,
                                            precompute_ref_log_probs=False, dataset_format="auto")
-        ref = build_model(ref_settings, device, dtype)
+        with _whole_model():
+            ref = build_model(ref_settings, device, dtype)
         check_same_vocabulary(tokenizer, settings.ref_model, ref, engine.unwrapped(),
                               settings.trust_remote_code)
         module = _frozen(ref)
@@ -135,6 +137,20 @@ def make_reference(settings, engine, model_before_engine: torch.nn.Module | None
         with torch.no_grad():
             return sequence_scores(module, mb, layout, objective, dtype, settings.loss_chunk_size, None, sp)
     return by_model
+
+
+@contextlib.contextmanager
+def _whole_model():
+    """Inside, transformers builds whole models even under ZeRO-3: the reference runs outside
+    DeepSpeed's engine, which would otherwise leave it as empty partitions (``zero.Init``)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    held = hf_deepspeed._hf_deepspeed_config_weak_ref  # transformers keeps no public getter of the object
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = held
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:

@@ -122,6 +122,10 @@ def base_dtype(settings, dtype: torch.dtype) -> torch.dtype:
     return dtype if settings.lora else torch.float32
 
 
+def _is_reward_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -130,7 +134,8 @@ def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
         lora_alpha=int(lora.get("alpha", 16)),
         lora_dropout=float(lora.get("dropout", 0.05)),
         target_modules=lora.get("target_modules", "all-linear"),
-        task_type="CAUSAL_LM",
+        # A reward model's new `score` head trains in full (peft's SEQ_CLS keeps it in modules_to_save).
+        task_type="SEQ_CLS" if _is_reward_model(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 

@@ -30,14 +30,14 @@ import torch
 import torch.distributed as dist
 
 from packtune.loss import target_weights
-from packtune.loss_head import LOSS_CHUNK_SIZE, _compute_dtype, _operands, chunked_head, chunked_loss_sum
+from packtune.loss_head import LOSS_CHUNK_SIZE, chunked_head, chunked_loss_sum, head_operands, product_dtype
 from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX
 from packtune.parallel.groups import SequenceParallel
 from packtune.parallel.shard import shard_micro_batch
 from packtune.preference.objective import METRIC_SUMS, Objective, metric_sums, pair_losses, pair_metrics
-from packtune.recipe.step import _takes_mask
+from packtune.recipe.step import takes_logits_mask
 
 
 @dataclass
@@ -150,8 +150,8 @@ class LogProbHead:
             raise RuntimeError(f"the output layer got {hidden.shape[0]} positions for {targets.numel()} targets")
         keep = seq < n
         hidden, targets, seq = hidden[keep], targets[keep], seq[keep]
-        h, w = _operands(module, hidden)
-        dtype = _compute_dtype(h.device, w.dtype)
+        h, w = head_operands(module, hidden)
+        dtype = product_dtype(h.device, w.dtype)
         tok = token_logps(h.detach(), w.detach(), targets, self.chunk_size, self.transform, dtype)
         sums = torch.zeros(n, dtype=torch.float64, device=tok.device).index_add_(0, seq, tok.double())
         if solve is None:
@@ -209,7 +209,7 @@ def sequence_scores(model: torch.nn.Module, batch: PairBatch, layout: Layout, ob
     targets, seq = layout.targets, layout.seq
     kwargs = {}
     tm = transformers_model(model)
-    if _takes_mask(type(tm)):
+    if takes_logits_mask(type(tm)):
         keep = (seq < n).view(batch.input_ids.shape)
         if not bool(keep.any()):
             keep = keep.clone()

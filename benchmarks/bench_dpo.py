@@ -146,7 +146,9 @@ def run_packed(pairs, steps: int, max_length: int, vocab: int) -> dict:
     ref = copy.deepcopy(policy).eval()
     settings = SimpleNamespace(max_norm=1.0, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_ratio=0.0, lora=None,
                                model_config=None)
-    groups = np.array_split(np.arange(len(dataset)), steps)
+    if len(dataset) < 2:
+        raise ValueError(f"{len(dataset)} pack: too few to time a step after the first; use more pairs or a smaller --max-length")
+    groups = np.array_split(np.arange(len(dataset)), min(steps, len(dataset)))  # every step holds a pack
     engine = PlainEngine(policy, DistEnv(), settings, total_steps=len(groups), compute_dtype=torch.float32)
     objective = Objective("dpo", "sigmoid", beta=0.1)
 

@@ -105,10 +105,7 @@ def _keep_global_batch(settings, meta: dict, path: str, dp_size: int):
 def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
     packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
     if settings.method != "sft":  # preference pairs: packed varlen rows (the config check insists)
-        from packtune.preference.step import collate_pairs
-
-        sp = settings.sequence_parallel_size
-        return collate_pairs(packs, pad_to_multiple_of=sp if sp > 1 else None, pad_token_id=pad_id)
+        return _collate_packs(packs, settings, pad_id)
     if not settings.use_varlen_attn:
         return collate_padded(packs, pad_token_id=pad_id)
     # Sequence parallelism cuts the row into equal shards: pad it with a document of its own.
@@ -117,6 +114,7 @@ def _collate(dataset, pack_ids: list[int], settings, pad_id: int):
 
 
 def _collate_packs(packs: list[dict], settings, pad_id: int):
+    """Packs of preference pairs as one row (``collate_pairs``), padded for sequence parallelism."""
     from packtune.preference.step import collate_pairs
 
     sp = settings.sequence_parallel_size

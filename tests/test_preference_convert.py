@@ -89,6 +89,19 @@ def test_reward_checkpoint_loads_without_packtune(lora, tmp_path, monkeypatch):
     assert got["packtune_loaded"] is False
     assert got["rewards"] == pytest.approx(want, rel=1e-4, abs=1e-5)
     assert max(want) - min(want) > 1e-3  # the trained head tells the sequences apart
+    if not lora:
+        # The folder trains on as a reward model with its own head (not a new one from `seed`).
+        from safetensors.torch import load_file
+
+        from packtune.config import load_settings
+        from packtune.recipe.model_setup import load_base_model
+
+        again = load_settings(CONFIG, [*options, f"pretrained_model_name_or_path={folder!r}", "model_config=None",
+                                       "tokenizer_name_or_path=None", "seed=7"])
+        model = load_base_model(again, torch.device("cpu"))
+        saved = load_file(os.path.join(folder, "model.safetensors"))
+        assert type(model).__name__ == "MistralForSequenceClassification"
+        assert torch.equal(model.score.weight, saved["score.weight"])
 
 
 @pytest.mark.slow

@@ -62,3 +62,28 @@ def test_smallest_run_end_to_end(bench, tmp_path):
     plan = details["plan"]
     assert plan["bfd"]["utilization"] >= plan["sequential"]["utilization"] > plan["none"]["utilization"]
     assert np.isclose(plan["none"]["packs"], settings.plan_lengths)
+
+
+@pytest.mark.slow
+def test_dpo_benchmark_smallest_run(tmp_path):
+    """``benchmarks/bench_dpo.py`` end to end at its smallest: TRL's DPOTrainer and packtune on
+    the same pairs, and the chunked and full-logit steps (which must give the same loss)."""
+    pytest.importorskip("trl")
+    path = BENCH.parent / "bench_dpo.py"
+    sys.path.insert(0, str(BENCH.parent))
+    spec = importlib.util.spec_from_file_location("packtune_bench_dpo", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        out = tmp_path / "dpo.md"
+        assert module.main(["--pairs", "8", "--batch", "4", "--max-length", "1024", "--memory-tokens", "1024",
+                            "--in-process", "--out", str(out)]) == 0
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    table = out.read_text()
+    assert table.count("| DPO ") == 2 and table.count("PASS") + table.count("FAIL") == 2
+    import json
+
+    details = json.loads(out.with_suffix(".json").read_text())
+    assert details["trl"]["steps"] == 2 and details["packtune"]["steps"] == 2 and details["packtune"]["packs"] >= 2
+    assert details["memory"]["chunked"]["loss"] == pytest.approx(details["memory"]["full"]["loss"], rel=1e-5)

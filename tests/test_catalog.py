@@ -46,14 +46,18 @@ EXPECTED_FAMILIES = {
     "qwen3_5_35b_a3b": ("Qwen/Qwen3.5-35B-A3B", "qwen_chat", False),
     "qwen3_next_80b_a3b_instruct": ("Qwen/Qwen3-Next-80B-A3B-Instruct", "qwen_chat", False),
 }
-REAL = sorted(ENTRIES)
+PAIRS_PATTERN = re.compile(r"^(?P<model>[a-z0-9_]+?)_(?P<objective>dpo|orpo|reward)_ultrafeedback_e1$")
+# Preference training (issue 17): LoRA on three chat families, UltraFeedback binarized's pairs.
+PREFERENCE_FAMILIES = {"qwen2_5_7b_instruct", "llama3_8b_instruct", "internlm2_chat_7b"}
+PAIRS = sorted(n for n in ENTRIES if PAIRS_PATTERN.match(n))
+REAL = sorted(n for n in ENTRIES if n not in PAIRS)
 TINY = [n for n in NAMES if n.startswith("tiny_")]
 
 
 def test_catalog_is_one_table_plus_the_tiny_files():
     assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
-    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 174 and len(TINY) == 5
-    assert NAMES == sorted(NAMES) == sorted([*REAL, *TINY])
+    assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 174 and len(TINY) == 6 and len(PAIRS) == 9
+    assert NAMES == sorted(NAMES) == sorted([*REAL, *PAIRS, *TINY])
     assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY
     assert find_config("llama2_7b_lora_alpaca_e3.py") == find_config("llama2_7b_lora_alpaca_e3") == "llama2_7b_lora_alpaca_e3"
@@ -101,9 +105,26 @@ def test_real_config_says_what_its_name_says(name):
     assert ("Loaded through packtune's native port" in config_source(name)) is ported
 
 
+@pytest.mark.parametrize("name", PAIRS)
+def test_preference_config_says_what_its_name_says(name):
+    m = PAIRS_PATTERN.match(name)
+    assert m["model"] in PREFERENCE_FAMILIES
+    s = load_settings(name)
+    base, template, _ = EXPECTED_FAMILIES[m["model"]]
+    assert (s.pretrained_model_name_or_path, s.model_config, s.prompt_template) == (base, None, template)
+    assert (s.dataset, s.dataset_split, s.dataset_format) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs",
+                                                              "preference")
+    assert s.method == m["objective"] and s.max_epochs == 1 and s.lora is not None and s.lora["quantization"] is None
+    assert s.ref_model is None and not s.precompute_ref_log_probs  # DPO's reference: the base, adapter off
+    assert s.beta == pytest.approx(0.1) and s.use_varlen_attn and s.pack_to_max_length and s.pack_strategy != "concat"
+    assert s.evaluation_inputs == [] if s.method == "reward" else len(s.evaluation_inputs) == 2
+    assert {f"{m['model']}_{o}_ultrafeedback_e1" for o in ("dpo", "orpo", "reward")} <= set(PAIRS)
+
+
 def test_the_copy_is_the_file_the_entry_stands_for(tmp_path):
     # A rendered entry, written out, loads back to the same settings (the copy-cfg round trip).
-    for name in ("internlm_7b_full_oasst1_e3", "qwen1_5_7b_qlora_oasst1_e3", "tiny_mistral_full_demo"):
+    for name in ("internlm_7b_full_oasst1_e3", "qwen1_5_7b_qlora_oasst1_e3", "tiny_mistral_full_demo",
+                 "llama3_8b_instruct_dpo_ultrafeedback_e1"):
         path = tmp_path / f"{name}_copy.py"
         path.write_text(config_source(name))
         assert load_settings(str(path)) == load_settings(name)
@@ -123,14 +144,17 @@ def test_a_builtin_config_that_raises_names_its_line(monkeypatch):
 def test_tiny_configs_run_offline_on_a_cpu(name):
     s = load_settings(name)
     assert s.pretrained_model_name_or_path is None and s.model_config is not None
-    assert s.tokenizer_name_or_path == "packtune://mistral-v1" and s.dataset == "packtune://demo_tasks.jsonl"
-    assert s.dataset_format == "alpaca" and s.dtype == "float32" and s.use_varlen_attn and s.pack_to_max_length
+    pairs = "_dpo_" in name  # preference pairs made from the demo tasks (packtune.demo_data.build_demo_pairs)
+    assert s.tokenizer_name_or_path == "packtune://mistral-v1"
+    assert s.dataset == ("packtune://demo_pairs.jsonl" if pairs else "packtune://demo_tasks.jsonl")
+    assert s.dataset_format == ("preference" if pairs else "alpaca") and s.method == ("dpo" if pairs else "sft")
+    assert s.dtype == "float32" and s.use_varlen_attn and s.pack_to_max_length
     assert 256 <= s.max_length <= 512 and s.max_steps is not None and s.max_steps <= 300
     mc = s.model_config
     assert mc["vocab_size"] == 32000 and mc["max_position_embeddings"] >= s.max_length
     assert 64 <= mc["hidden_size"] <= 128 and mc["num_hidden_layers"] == 2
     assert (mc["num_attention_heads"], mc["num_key_value_heads"]) == (4, 2)
-    assert s.lora is None if "_full_" in name else s.lora is not None
+    assert s.lora is None if "_full_" in name or pairs else s.lora is not None
 
 
 def test_tiny_configs_build_real_architectures():

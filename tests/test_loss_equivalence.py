@@ -138,10 +138,10 @@ def test_logits_are_computed_only_at_trained_positions(models):
 
     from conftest import FAMILIES, tiny_config
     from packtune.loss import weighted_loss_sum
-    from packtune.recipe.step import _takes_mask, forward_loss_sum
+    from packtune.recipe.step import forward_loss_sum, takes_logits_mask
 
     for family in FAMILIES:  # every family of the equivalence tests takes the mask
-        assert _takes_mask(type(AutoModelForCausalLM.from_config(tiny_config(family)))), family
+        assert takes_logits_mask(type(AutoModelForCausalLM.from_config(tiny_config(family)))), family
     varlen, _ = models
     samples = _samples(seed=3)
     layout, _ = layout_packs(samples, 32, "bfd")

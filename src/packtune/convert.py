@@ -62,20 +62,38 @@ def ported(settings: Settings):
 
 def _skeleton(settings: Settings, port) -> torch.nn.Module:
     """The model to load a full state dict into, without downloading weights twice (``port``: ``ported(settings)``)."""
-    if settings.model_config is not None or port is not None:
-        # A ported model needs its base folder anyway (the original layout copies its files).
+    if settings.model_config is not None or port is not None or settings.method == "reward":
+        # A ported model needs its base folder anyway (the original layout copies its files);
+        # a reward model is built as it trained (AutoModelForSequenceClassification, num_labels=1).
         return load_base_model(settings, torch.device("cpu"))
     config = AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
     return AutoModelForCausalLM.from_config(config, trust_remote_code=settings.trust_remote_code, dtype=torch.float32)
 
 
-def _save_tokenizer(settings: Settings, save_path: str) -> None:
+def _reward_pad(tokenizer, stops: list[int], model: torch.nn.Module) -> None:
+    """A reward model scores the last token that is not a pad (transformers'
+    ``ForSequenceClassification``), and it was trained at the end-of-turn token: the pad of the
+    converted folder (tokenizer and config) must be another token, or it would score the token
+    before the end of the turn."""
+    for token in (tokenizer.pad_token, tokenizer.unk_token):
+        if token is not None and tokenizer.convert_tokens_to_ids(token) not in stops:
+            tokenizer.pad_token = token
+            model.config.pad_token_id = tokenizer.pad_token_id
+            return
+    raise ValueError("the reward model's tokenizer has no pad or unk token other than an end-of-turn token: "
+                     "add a pad token to the tokenizer so that the converted model scores the end of each turn")
+
+
+def _save_tokenizer(settings: Settings, save_path: str, reward_model: torch.nn.Module | None = None) -> None:
     """The tokenizer with the chat template used in training, and a generation config that
-    stops where a trained reply ends (every single-token stop of the template, not just EOS)."""
+    stops where a trained reply ends (every single-token stop of the template, not just EOS).
+    With ``reward_model`` (converted before it is saved): a pad that is no end-of-turn token."""
     from packtune.data.templates import get_template, stop_token_ids
 
     tokenizer = load_tokenizer(settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code)
     template = get_template(settings.prompt_template, tokenizer)
+    if reward_model is not None:
+        _reward_pad(tokenizer, stop_token_ids(tokenizer, template.stop), reward_model)
     jinja = getattr(template, "to_jinja", None)
     if jinja is not None:
         # A built-in template trained the model: it replaces whatever template the tokenizer had.
@@ -125,6 +143,9 @@ def pth_to_hf(
         load_trainable_state(model, state)
         out = model.merge_and_unload() if merge else model
     out = out.to(dtype)
+    reward = out if settings.method == "reward" else None
+    if reward is not None:
+        _save_tokenizer(settings, save_path, reward)  # sets the pad of the config saved below
     if settings.lora and not merge:
         base_dir = None
         if settings.model_config is not None:
@@ -137,7 +158,8 @@ def pth_to_hf(
         out.save_pretrained(save_path, safe_serialization=safe_serialization)
     else:
         save_model(out, save_path, format, max_shard_size=max_shard_size, safe_serialization=safe_serialization)
-    _save_tokenizer(settings, save_path)
+    if reward is None:
+        _save_tokenizer(settings, save_path)
     return save_path
 
 

@@ -123,3 +123,32 @@ def write_demo_dataset(folder: str | Path, seed: int = 0) -> tuple[Path, Path]:
     for path, rows in zip(paths, (train, test)):
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return paths
+
+
+def build_demo_pairs(seed: int = 0, copies: int = 300) -> list[dict]:
+    """Preference pairs from the demo tasks' training rows: the right answer chosen, a wrong one
+    rejected (another animal's sound, another word's opposite, other words to repeat)."""
+    rng = random.Random(seed)
+    train, _ = build_demo_tasks(seed, copies=copies)
+    sounds = sorted(set(SOUNDS.values()))
+    both = {**OPPOSITES, **{v: k for k, v in OPPOSITES.items()}}
+    opposites = sorted(set(both.values()))
+    pairs = []
+    for r in train:
+        right = r["output"]
+        if r["task"] == "sound":
+            wrong = rng.choice([s for s in sounds if s != right])
+        elif r["task"] == "opposite":
+            wrong = rng.choice([w for w in opposites if w != right])
+        else:
+            words = right.split()
+            wrong = " ".join(rng.sample([w for w in WORDS if w not in words], len(words)))
+        pairs.append({"prompt": r["instruction"], "chosen": right, "rejected": wrong, "task": r["task"]})
+    return pairs
+
+
+def write_demo_pairs(folder: str | Path, seed: int = 0) -> Path:
+    """Write ``demo_pairs.jsonl`` (``build_demo_pairs``) into ``folder``."""
+    path = Path(folder) / "demo_pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in build_demo_pairs(seed)))
+    return path

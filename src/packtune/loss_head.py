@@ -182,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
+def product_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
     """The dtype autocast would give a matrix product here, or ``fallback`` without autocast."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
@@ -211,7 +211,7 @@ def chunked_loss_sum(
         raise ValueError(f"hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be (tokens, d) and (vocab, d)")
     if targets.shape != (hidden.shape[0],) or weights.shape != (hidden.shape[0],):
         raise ValueError(f"targets {tuple(targets.shape)} and weights {tuple(weights.shape)} must be ({hidden.shape[0]},)")
-    dtype = _compute_dtype(hidden.device, weight.dtype)
+    dtype = product_dtype(hidden.device, weight.dtype)
     return _LinearCrossEntropy.apply(hidden, weight, targets, weights, chunk_size, tuple(transform), dtype)
 
 
@@ -245,7 +245,7 @@ def _unsupported(module: torch.nn.Module | None) -> str | None:
     return None
 
 
-def _operands(module: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def head_operands(module: torch.nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(hidden', weight')`` with ``module(hidden) == hidden' @ weight'.T``, differentiable.
 
     A peft LoRA layer adds ``scaling * lora_B(lora_A(dropout(x)))``: the rank-``r`` product
@@ -316,7 +316,7 @@ class ChunkedHead:
         keep = targets != IGNORE_INDEX
         if not bool(keep.all()):
             hidden, targets, weights = hidden[keep], targets[keep], weights[keep]
-        hidden, weight = _operands(module, hidden)
+        hidden, weight = head_operands(module, hidden)
         self._loss = chunked_loss_sum(hidden, weight, targets, weights, self.chunk_size, self.transform)
         # The layer itself runs on zero rows: no logits, but it stays in the graph.
         return (x.narrow(-2, 0, 0), *args[1:])

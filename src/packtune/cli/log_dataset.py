@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the dataset of ``args.config`` and print what it holds."""
     from packtune.config import load_settings
-    from packtune.data import DataError, DataOptions, build_dataset, format_report, load_tokenizer, show_packs
+    from packtune.data import DataError, DataOptions, format_report, load_tokenizer, show_packs
+    from packtune.preference.data import dataset_builder  # pairs when method != 'sft'
 
     if args.show < 0:
         raise CliError(f"--show must be >= 0, got {args.show}")
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("the config names no tokenizer: set tokenizer_name_or_path (or pretrained_model_name_or_path)")
     try:
         tokenizer = load_tokenizer(name, trust_remote_code=bool(getattr(settings, "trust_remote_code", False)))
-        dataset = build_dataset(DataOptions.from_settings(settings), tokenizer)
+        dataset = dataset_builder(settings.method)(DataOptions.from_settings(settings), tokenizer)
     except DataError as exc:
         raise CliError(str(exc)) from exc
     if args.json:

@@ -1,8 +1,10 @@
 """The built-in config catalog: one table (family x method x dataset), rendered on demand.
 
-Every real entry is ``<family>_<full|lora|qlora>_<alpaca|oasst1>_e3``: a family of ``FAMILIES``
+Every SFT entry is ``<family>_<full|lora|qlora>_<alpaca|oasst1>_e3``: a family of ``FAMILIES``
 (its base model, prompt template and, for the families packtune ports, which class it trains
-as), a method of ``METHODS`` and a dataset of ``DATASETS``. ``render_config(name)`` writes the
+as), a method of ``METHODS`` and a dataset of ``DATASETS``. Every preference entry is
+``<family>_<dpo|orpo|reward>_ultrafeedback_e1``: LoRA on a family of ``PREFERENCE_FAMILIES``, an
+objective of ``OBJECTIVES``, a dataset of ``PAIR_DATASETS``. ``render_config(name)`` writes the
 entry as the readable settings file it stands for, in XTuner's five parts; that text is what
 ``packtune copy-cfg`` writes and what ``packtune train NAME`` runs. The ``tiny_*`` configs, which
 train offline on a CPU, are files in ``packtune/configs/`` (``TINY_DIR``).
@@ -97,9 +99,37 @@ DATASETS: dict[str, tuple[str, str, str, str | None]] = {
 }
 
 
+#: Preference training (``packtune.preference``): ``<family>_<objective>_<pair dataset>_e1``, LoRA
+#: on the chat models below. objective -> (what the docstring calls it, learning rate, settings).
+PREFERENCE_FAMILIES = ("internlm2_chat_7b", "llama3_8b_instruct", "qwen2_5_7b_instruct")
+PREFERENCE_EPOCHS = 1
+OBJECTIVES: dict[str, tuple[str, str, str]] = {
+    "dpo": ("DPO (sigmoid loss; the reference is the base with the LoRA adapter disabled)", "5e-6",
+            "method = 'dpo'\ndpo_loss = 'sigmoid'\nbeta = 0.1  # the reward scale"),
+    "orpo": ("ORPO (reference-free; NLL over the chosen completion)", "5e-6",
+             "method = 'orpo'\nbeta = 0.1  # the odds-ratio weight"),
+    "reward": ("reward model training (AutoModelForSequenceClassification, num_labels=1)", "1e-4",
+               "method = 'reward'  # the score at each completion's end-of-turn"),
+}
+#: pair dataset -> (what the docstring calls it, HF id, split)
+PAIR_DATASETS: dict[str, tuple[str, str, str]] = {
+    "ultrafeedback": ("UltraFeedback binarized (~61k preference pairs)", "HuggingFaceH4/ultrafeedback_binarized",
+                      "train_prefs"),
+}
+
+
+EVALUATION_INPUTS = """[
+    'Please tell me five scenic spots in Shanghai.',
+    'Write a Python function that reverses a string.',
+]"""
+
+
 def _entries() -> dict[str, tuple[Family, str, str]]:
-    return {f"{fam.key}_{method}_{data}_e{EPOCHS}": (fam, method, data)
-            for fam in FAMILIES for method in METHODS for data in DATASETS}
+    sft = {f"{fam.key}_{method}_{data}_e{EPOCHS}": (fam, method, data)
+           for fam in FAMILIES for method in METHODS for data in DATASETS}
+    pairs = {f"{fam.key}_{objective}_{data}_e{PREFERENCE_EPOCHS}": (fam, objective, data)
+             for fam in FAMILIES if fam.key in PREFERENCE_FAMILIES for objective in OBJECTIVES for data in PAIR_DATASETS}
+    return {**sft, **pairs}
 
 
 #: Every table entry: name -> (family, method, dataset).
@@ -131,13 +161,23 @@ def render_config(name: str) -> str:
             return (TINY_DIR / f"{name}.py").read_text(encoding="utf-8")
         raise KeyError(name)
     fam, method, data = ENTRIES[name]
-    what, lr, lora = METHODS[method]
-    data_doc, dataset, fmt, system = DATASETS[data]
+    epochs, split, objective, prompts = EPOCHS, "train", "", EVALUATION_INPUTS
+    if method in OBJECTIVES:
+        what, lr, objective = OBJECTIVES[method]
+        lora = METHODS["lora"][2]
+        data_doc, dataset, split = PAIR_DATASETS[data]
+        fmt, system, epochs = "preference", None, PREFERENCE_EPOCHS
+        objective += "\n"
+        what = f"LoRA {what}"
+        prompts = "[]  # a reward model generates no text" if method == "reward" else prompts
+    else:
+        what, lr, lora = METHODS[method]
+        data_doc, dataset, fmt, system = DATASETS[data]
     model_note = ""
     if fam.ported:
         model_note = (f"# Loaded through packtune's native port: trains as {fam.ported}, with no remote code\n"
                       "# and exact varlen attention, like every family.\n")
-    return f'''"""{fam.title}: {what} on {data_doc}, {EPOCHS} epochs.
+    return f'''"""{fam.title}: {what} on {data_doc}, {epochs} epoch{"s" if epochs > 1 else ""}.
 
     packtune copy-cfg {name} .
     packtune train {name}_copy.py
@@ -151,14 +191,14 @@ pretrained_model_name_or_path = {fam.base!r}
 # Data
 dataset = {dataset!r}
 dataset_format = {fmt!r}
-prompt_template = {fam.template!r}
+{objective}prompt_template = {fam.template!r}
 max_length = 2048
 pack_to_max_length = True  # needs use_varlen_attn = True
 
 # Scheduler & Optimizer
 batch_size = 1  # packed rows per device
 accumulative_counts = 16
-max_epochs = {EPOCHS}
+max_epochs = {epochs}
 lr = {lr}
 betas = (0.9, 0.999)
 weight_decay = 0.0
@@ -172,10 +212,7 @@ save_total_limit = 2  # checkpoints kept
 # Evaluate the generation performance during the training
 evaluation_freq = 500
 system_prompt = {system!r}
-evaluation_inputs = [
-    'Please tell me five scenic spots in Shanghai.',
-    'Write a Python function that reverses a string.',
-]
+evaluation_inputs = {prompts}
 
 {_bar("PART 2  Model")}
 trust_remote_code = False
@@ -184,7 +221,7 @@ gradient_checkpointing = True
 {lora}
 
 {_bar("PART 3  Dataset")}
-dataset_split = 'train'
+dataset_split = {split!r}
 pack_strategy = 'bfd'  # best-fit decreasing: fewest rows, order-free
 shuffle_before_pack = True
 overflow = 'truncate'  # samples longer than max_length

@@ -18,7 +18,7 @@ ATTN_IMPLEMENTATION = "packtune_varlen"
 # Choices.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTN_BACKENDS = ("auto", "sdpa", "eager", "flash_attn", "torch")
-DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text")
+DATASET_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "oasst1", "text", "preference")
 PROMPT_TEMPLATES = (
     "auto", "tokenizer", "default", "chatml", "qwen_chat", "llama2_chat", "llama3_chat", "mistral", "zephyr",
     "internlm2_chat", "gemma", "deepseek", "yi", "vicuna", "chatglm3", "baichuan2_chat",
@@ -29,6 +29,9 @@ BAD_ROW_POLICIES = ("skip", "error")
 LOSS_REDUCTIONS = ("token", "sample", "square")
 NONFINITE_LOSS_POLICIES = ("error", "skip")
 LORA_QUANTIZATION = (None, "4bit", "8bit")
+#: Training objectives (``method``) and DPO losses (``dpo_loss``): see ``packtune.preference``.
+METHODS = ("sft", "dpo", "simpo", "orpo", "reward")
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 #: Default ``loss_chunk_size``: at a 151,936-token vocabulary a 1,024-token chunk is 0.6 GB of
 #: fp32 logits (4,096 would be 2.5 GB), and 1,024 rows keep the vocabulary product efficient.

@@ -19,11 +19,13 @@ from packtune.config.facts import (  # noqa: F401  (re-exported: the settings' f
     ConfigError,
     DATASET,
     DATASET_FORMATS,
+    DPO_LOSSES,
     DTYPES,
     LORA_DEFAULTS,
     LORA_QUANTIZATION,
     LOSS_CHUNK_SIZE,
     LOSS_REDUCTIONS,
+    METHODS,
     MODEL,
     NONFINITE_LOSS_POLICIES,
     OVERFLOW_POLICIES,
@@ -73,10 +75,22 @@ class Settings:
     lora: dict | None = _f(
         None, MODEL, "None = full fine-tuning; dict(r, alpha, dropout, target_modules, quantization)")
 
+    # --- Objective (preference training: packtune.preference) ---------------------------
+    method: str = _f("sft", 1, "sft|dpo|simpo|orpo|reward (the last four train on preference pairs)")
+    dpo_loss: str = _f("sigmoid", SCHEDULE, "method='dpo': sigmoid|ipo|hinge, as TRL's DPOTrainer")
+    beta: float = _f(0.1, 1, "dpo/simpo: the reward scale; orpo: the odds-ratio weight")
+    simpo_gamma: float = _f(0.5, SCHEDULE, "method='simpo': the target reward margin")
+    ref_model: str | None = _f(
+        None, MODEL, "method='dpo': None = a frozen copy of the starting weights (LoRA: the base, adapter off), else a path or hub id")
+    precompute_ref_log_probs: bool = _f(
+        False, SCHEDULE, "method='dpo': compute the reference's log-probs once before training")
+    center_rewards_coefficient: float | None = _f(
+        None, SCHEDULE, "method='reward': weight of mean((r_chosen + r_rejected)^2), as TRL's RewardTrainer")
+
     # --- Data --------------------------------------------------------------------------
     dataset: str | list[str] = field(metadata={
         "part": 1, "doc": "HF dataset id, local path(s), or packtune://NAME (required)"})
-    dataset_format: str = _f("auto", 1, "auto|alpaca|sharegpt|messages|oasst1|text")
+    dataset_format: str = _f("auto", 1, "auto|alpaca|sharegpt|messages|oasst1|text|preference")
     dataset_split: str = _f("train", DATASET, "split to train on")
     dataset_streaming: bool = _f(False, DATASET, "read a hub dataset as a stream (no full download first)")
     max_samples: int | None = _f(None, DATASET, "use only the first N rows (None = all)")

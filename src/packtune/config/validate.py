@@ -19,6 +19,7 @@ from typing import Any
 from packtune.config import facts as S
 from packtune.config.facts import Problem
 from packtune.config.sizes import heads_problem
+from packtune.config.preference_rules import preference_problems
 
 # Common spellings of valid choices that difflib does not find on its own.
 ALIASES = {
@@ -273,6 +274,13 @@ CHECKS: dict[str, Check] = {
     "evaluation_inputs": Check("a list of non-empty strings", [], _text_list),
     "max_new_tokens": INT(1),
     "seed": INT(0),
+    "method": CHOICE(S.METHODS),
+    "dpo_loss": CHOICE(S.DPO_LOSSES),
+    "beta": NUMBER(0, low_open=True, example=0.1),
+    "simpo_gamma": NUMBER(0, example=0.5),
+    "ref_model": OPT_TEXT,
+    "precompute_ref_log_probs": BOOL,
+    "center_rewards_coefficient": OPTIONAL(NUMBER(0, example=0.01)),
 }
 
 LORA_CHECKS: dict[str, Check] = {
@@ -389,7 +397,7 @@ def _model_types() -> frozenset[str]:
     return frozenset(CONFIG_MAPPING_NAMES)
 
 
-def _combinations(v: Mapping[str, Any], problems: list[Problem]) -> None:
+def _combinations(v: Mapping[str, Any], problems: list[Problem], defaults: Mapping[str, Any]) -> None:
     """Rules across settings; a rule runs only when all its settings passed their checks."""
 
     def ok(*names: str) -> bool:
@@ -430,6 +438,7 @@ def _combinations(v: Mapping[str, Any], problems: list[Problem]) -> None:
     if ok("pack_strategy", "pack_to_max_length") and v["pack_strategy"] == "concat" and not v["pack_to_max_length"]:
         add("pack_strategy", "`pack_strategy = 'concat'` cuts the token stream into packed rows, but `pack_to_max_length = False`",
             "set `pack_to_max_length = True` (with `use_varlen_attn = True`), or `pack_strategy = 'bfd'`")
+    preference_problems(v, ok, add, defaults)
     if ok("lora", "model_config") and v["lora"] and v["lora"]["quantization"] and v["model_config"] is not None:
         add("lora", "`lora['quantization']` (QLoRA) quantizes pretrained weights at load time; a random-init "
             "`model_config` has none", "set `lora['quantization'] = None`, or fine-tune a pretrained model")
@@ -475,5 +484,5 @@ def check_values(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[d
             values[name] = _check_model_config(value, problems)
         else:
             values[name] = _check_value(name, value, CHECKS[name], None if defaults[name] is MISSING else defaults[name], problems)
-    _combinations(values, problems)
+    _combinations(values, problems, defaults)
     return values, problems

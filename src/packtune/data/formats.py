@@ -42,8 +42,9 @@ from typing import Any
 from packtune.config.settings import DATASET_FORMATS as FORMAT_NAMES
 from packtune.data.errors import DataError
 
-#: The formats a row can be in (``"auto"`` detects one of them).
-FORMATS: tuple[str, ...] = tuple(f for f in FORMAT_NAMES if f != "auto")
+#: The formats a row can be in (``"auto"`` detects one of them); ``preference`` rows
+#: (prompt/chosen/rejected) are read by ``packtune.preference.data``, not ``to_sample``.
+FORMATS: tuple[str, ...] = tuple(f for f in FORMAT_NAMES if f not in ("auto", "preference"))
 
 #: Why a row is skipped, with what it means.
 BAD_ROW_REASONS: dict[str, str] = {
@@ -60,6 +61,10 @@ BAD_ROW_REASONS: dict[str, str] = {
     "template_error": "the chat template cannot render the conversation",
     "reply_not_found": "the chat template's text around a reply changes with its words: no reply located",
     "reply_not_rendered": "the chat template does not write a reply's text or tool calls (not trained as empty)",
+    # Preference pairs (packtune.preference.data).
+    "identical_completions": "the chosen and rejected completions are the same",
+    "no_prompt": "the pair has no prompt (the conversations share no messages before their replies)",
+    "empty_completion": "a completion has no text to train",
 }
 
 SHAREGPT_ROLES = {
@@ -111,6 +116,8 @@ def detect_format(rows: Iterable[Any], where: str = "the data") -> str:
         raise DataError(f"cannot detect the format of {where}: no JSON object among its first rows; "
                          f"set dataset_format to one of {', '.join(FORMATS)}")
     keys: set[str] = set().union(*(r.keys() for r in rows))
+    if "chosen" in keys and "rejected" in keys:
+        return "preference"
     if "conversations" in keys or "messages" in keys:
         field_ = "conversations" if "conversations" in keys else "messages"
         for r in rows:

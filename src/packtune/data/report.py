@@ -164,6 +164,8 @@ def show_packs(dataset: Any, n: int, tokenizer: Any, color: bool = False, max_ch
             # The label at t is the token at t (labels are not shifted): mark it by its id.
             trained = labels != IGNORE_INDEX
             row = dataset.row_of_document(a0 + d)
+            role = getattr(dataset, "document_role", None)  # preference pairs: "pair 3 chosen"
+            row = f"{row}, {role(a0 + d)}" if role else row
             lines.append(f"--- document {d + 1}/{len(cu) - 1}: row {row}, {b - a} tokens, "
                          f"{int(trained.sum())} trained ---")
             text = "".join(f"{on}{s}{off}" if t else s

@@ -55,8 +55,19 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, step)
+        # Preference training: the pairs' accuracy (TRL's name for DPO/SimPO/ORPO, RewardTrainer's for rewards).
+        acc = record.get("rewards/accuracies", record.get("accuracy"))
         if self.bar:
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            extra = {} if acc is None else {"acc": f"{acc:.3f}"}
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", **extra)
+        elif acc is not None:
+            elapsed = time.perf_counter() - self.start
+            done = max(step - record.get("start_step", 0), 1)
+            log.info(
+                "step %d/%d  loss %.4f  accuracy %.3f  lr %.3g  grad_norm %.3g  %.0f tok/s  eta %s",
+                step, self.total, record["loss"], acc, record["lr"], record["grad_norm"], record["tokens_per_s"],
+                _hms(elapsed / done * (self.total - step)),
+            )
         else:
             elapsed = time.perf_counter() - self.start
             done = max(step - record.get("start_step", 0), 1)

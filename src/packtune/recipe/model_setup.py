@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 
 import torch
@@ -65,6 +66,11 @@ def load_base_model(settings: Settings, device: torch.device, dtype: torch.dtype
     A pretrained model loads through ``packtune.load_model``: ported families (InternLM,
     Baichuan, ChatGLM2/3, Qwen-1) become their native class, without remote code.
     """
+    if getattr(settings, "method", "sft") == "reward":  # AutoModelForSequenceClassification, num_labels=1
+        from packtune.preference.model import load_reward_model
+
+        causal = dataclasses.replace(settings, method="sft", dataset_format="auto", center_rewards_coefficient=None)
+        return load_reward_model(settings, dtype, lambda s: load_base_model(causal, device, dtype))
     if settings.model_config is not None:
         return random_init_model(AutoConfig.for_model(**copy.deepcopy(settings.model_config)), dtype, settings.seed)
     from packtune.ports.api import load_model
@@ -117,6 +123,10 @@ def base_dtype(settings: Settings, dtype: torch.dtype) -> torch.dtype:
     return dtype if settings.lora else torch.float32
 
 
+def _is_reward_model(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -125,7 +135,8 @@ def apply_lora(model: torch.nn.Module, lora: dict) -> torch.nn.Module:
         lora_alpha=int(lora.get("alpha", 16)),
         lora_dropout=float(lora.get("dropout", 0.05)),
         target_modules=lora.get("target_modules", "all-linear"),
-        task_type="CAUSAL_LM",
+        # A reward model's new `score` head trains in full (peft's SEQ_CLS keeps it in modules_to_save).
+        task_type="SEQ_CLS" if _is_reward_model(model) else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
@@ -151,7 +162,12 @@ def build_model(settings: Settings, device: torch.device, dtype: torch.dtype, *,
         model.to(device)  # a base built elsewhere stays on the CPU: its engine places its shards
     if settings.use_varlen_attn and leak_check:
         # Under the training step's autocast: the check runs the kernel training will run.
-        check_no_leak(model, dtype=dtype, max_length=settings.max_length)
+        if getattr(settings, "method", "sft") == "reward":
+            from packtune.preference.model import check_reward_no_leak
+
+            check_reward_no_leak(model, dtype=dtype, max_length=settings.max_length)
+        else:
+            check_no_leak(model, dtype=dtype, max_length=settings.max_length)
     if settings.gradient_checkpointing:
         # transformers >= 5.x renames it activation checkpointing; older releases have only this name.
         if hasattr(model, "activation_checkpointing_enable"):

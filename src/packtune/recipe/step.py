@@ -37,7 +37,7 @@ class StepResult:
 
 
 @functools.lru_cache(maxsize=None)
-def _takes_mask(model_class: type) -> bool:
+def takes_logits_mask(model_class: type) -> bool:
     """Whether ``model_class`` slices its hidden states with a boolean ``logits_to_keep`` mask.
 
     True when its forward takes ``logits_to_keep`` and hands it to transformers'
@@ -76,7 +76,7 @@ def forward_loss_sum(
     computed ``loss_chunk_size`` positions at a time and never exist for all of them at once.
     """
     kwargs = {}
-    if _takes_mask(type(transformers_model(model))):
+    if takes_logits_mask(type(transformers_model(model))):
         keep = (targets != IGNORE_INDEX).view(batch.labels.shape)
         if not bool(keep.any()):
             keep = keep.clone()

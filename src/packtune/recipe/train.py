@@ -9,6 +9,7 @@ only decides how gradients are synchronised and weights updated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import glob
 import json
@@ -26,7 +27,7 @@ import torch
 from packtune import __version__
 from packtune.config import settings_to_dict
 from packtune.config.settings import Settings
-from packtune.data import DataError, DataOptions, build_dataset, load_tokenizer
+from packtune.data import DataError, DataOptions, load_tokenizer
 from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank, peak_memory
 from packtune.modeling import check_no_leak
 from packtune.packing.collate import collate_padded, collate_varlen
@@ -104,11 +105,21 @@ def _keep_global_batch(settings: Settings, meta: dict, path: str, dp_size: int):
 
 def _collate(dataset, pack_ids: list[int], settings: Settings, pad_id: int):
     packs = [dataset[i] for i in pack_ids] or [empty_pack(pad_id)]
+    if settings.method != "sft":  # preference pairs: packed varlen rows (the config check insists)
+        return _collate_packs(packs, settings, pad_id)
     if not settings.use_varlen_attn:
         return collate_padded(packs, pad_token_id=pad_id)
     # Sequence parallelism cuts the row into equal shards: pad it with a document of its own.
     sp = settings.sequence_parallel_size
     return collate_varlen(packs, pad_to_multiple_of=sp if sp > 1 else None, pad_token_id=pad_id)
+
+
+def _collate_packs(packs: list[dict], settings: Settings, pad_id: int):
+    """Packs of preference pairs as one row (``collate_pairs``), padded for sequence parallelism."""
+    from packtune.preference.step import collate_pairs
+
+    sp = settings.sequence_parallel_size
+    return collate_pairs(packs, pad_to_multiple_of=sp if sp > 1 else None, pad_token_id=pad_id)
 
 
 def _prepare_data(settings: Settings, tokenizer, env: DistEnv):
@@ -119,8 +130,11 @@ def _prepare_data(settings: Settings, tokenizer, env: DistEnv):
     error, each task's last line is then the cause, not a peer's broken connection.
     """
     options = DataOptions.from_settings(settings)
-    dataset = on_main_rank(env, lambda: build_dataset(options, tokenizer), shared=(DataError,))
-    return dataset if env.is_main else build_dataset(options, tokenizer)
+    from packtune.preference.data import dataset_builder
+
+    build = dataset_builder(settings.method)
+    dataset = on_main_rank(env, lambda: build(options, tokenizer), shared=(DataError,))
+    return dataset if env.is_main else build(options, tokenizer)
 
 
 def _sequence_parallel(settings: Settings, env: DistEnv) -> SequenceParallel | None:
@@ -249,6 +263,9 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
         if settings.use_varlen_attn:
             construction.check_partitioned(model, dtype, settings.max_length)
     _check_splittable(settings, env, model)
+    # DPO's frozen reference: the starting weights, copied before an engine wraps or shards them.
+    frozen = (copy.deepcopy(model) if settings.method == "dpo" and not settings.lora and settings.ref_model is None
+              else None)
     plan = StepPlan(
         dataset,
         settings.batch_size,
@@ -281,6 +298,19 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
                 opts.work_dir, ", ".join(os.path.basename(p) for p in earlier[:3]),
             )
     metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
+    objective = reference = None
+    if settings.method != "sft":
+        from packtune.preference.model import make_reference, precompute_reference
+        from packtune.preference.objective import Objective
+
+        objective = Objective.from_settings(settings)
+        if objective.needs_reference:
+            reference = make_reference(settings, engine, frozen, tokenizer, env.device, dtype, sp)
+            del frozen
+            if settings.precompute_ref_log_probs:
+                precompute_reference(dataset, reference, lambda packs: _collate_packs(packs, settings, pad_id), env.device)
+                reference = None
+                log.info("reference log-probs precomputed for %d pairs", dataset.margins.size)
     log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
 
     # --- loop ---------------------------------------------------------------------------------
@@ -292,8 +322,14 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
             raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {env.rank} raises at step {step + 1}")
         slots = plan.micro_batches(step, dp_rank)
         batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
-        result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, settings.loss_chunk_size,
-                                      sequence_parallel=sp)
+        if objective is None:
+            result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, settings.loss_chunk_size,
+                                          sequence_parallel=sp)
+        else:
+            from packtune.preference.step import accumulate_preference
+
+            result = accumulate_preference(engine, batches, objective, dtype, settings.loss_chunk_size,
+                                           sequence_parallel=sp, reference=reference)
         grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
         if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
             # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.
@@ -321,6 +357,7 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
                     "tokens": result.tokens,
                     "trained_tokens": result.trained_tokens,
                     "start_step": start,
+                    **({"pairs": result.pairs, **result.metrics} if objective is not None else {}),
                 }
             )
             tic, window_tokens = time.perf_counter(), 0

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "packtune"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("configs",),                # the bundled config files, read by the loader; they import nothing
     ("config",),                 # settings, their choices and checks: no torch
+    ("errors",),                 # errors that end a run in one line, raised by several layers
     ("packtune",),               # the package root: version, lazy names, registration hooks
     ("attention",),              # varlen kernels and the transformers attention function
     ("parallel",),               # sequence parallelism around the attention
@@ -33,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("modeling",),               # a model switched to varlen attention
     ("ports", "loss_head"),      # native classes of remote-code families; the chunked loss head
     ("distributed",),            # processes and ranks
+    ("preference",),             # preference pairs and their objectives (DPO, SimPO, ORPO, reward)
     ("recipe",),                 # the training loop and its engines
     ("convert", "demo_data"),    # checkpoint conversion; the demo's data
     ("cli",),                    # the command line

@@ -138,7 +138,8 @@ def test_logits_are_computed_only_at_trained_positions(models):
 
     from conftest import FAMILIES, tiny_config
     from packtune.loss import weighted_loss_sum
-    from packtune.recipe.step import forward_loss_sum, takes_logits_mask
+    from packtune.loss_head import takes_logits_mask
+    from packtune.recipe.step import forward_loss_sum
 
     for family in FAMILIES:  # every family of the equivalence tests takes the mask
         assert takes_logits_mask(type(AutoModelForCausalLM.from_config(tiny_config(family)))), family

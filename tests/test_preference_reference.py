@@ -23,7 +23,8 @@ from packtune.data import load_tokenizer
 from packtune.preference.model import check_same_vocabulary, make_reference, precompute_reference
 from packtune.preference.objective import Objective
 from packtune.preference.step import collate_pairs, sequence_scores
-from packtune.recipe.model_setup import SetupError, apply_lora
+from packtune.errors import SetupError
+from packtune.recipe.model_setup import apply_lora
 from test_preference_exact import _dataset, _engine, _model, _pairs, packed_step, plain_step
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -49,7 +50,7 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled():
     padded.load_state_dict(packed.state_dict())
     samples, margins = _pairs(seed=11)
     want_loss, want_grads, want_acc = plain_step(DPO, padded, reference_copy, samples, margins)
-    reference = make_reference(_settings(lora=LORA), _engine(packed), None, None, torch.device("cpu"), torch.float32)
+    reference = make_reference(_settings(lora=LORA), _engine(packed), None, None, torch.device("cpu"), torch.float32, build_model=None)
     dataset = _dataset(samples, margins, 32)
     result, grads = packed_step(DPO, packed, None, dataset, 2, -(-len(dataset) // 2), 5, reference=reference)
     assert result.loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from packtune.data import DataError
     from packtune.modeling import LeakError
     from packtune.recipe.engine_base import CheckpointMismatch
-    from packtune.recipe.model_setup import SetupError
+    from packtune.errors import SetupError
     from packtune.recipe.train import RunOptions, train
 
     config_path = args.config if os.path.isfile(args.config) else None

@@ -14,11 +14,13 @@ import contextlib
 import copy
 import dataclasses
 import os
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from packtune.config.settings import Settings
 from packtune.modeling import check_no_leak, transformers_model
 
 
@@ -87,7 +89,7 @@ def check_same_vocabulary(policy_tokenizer, ref_path: str, ref_model: torch.nn.M
     """Refuse, in one line, a reference whose tokenizer or vocabulary differs from the policy's."""
     from packtune.data import load_tokenizer
     from packtune.modeling import text_config
-    from packtune.recipe.model_setup import SetupError
+    from packtune.errors import SetupError
 
     a, b = int(text_config(policy).vocab_size), int(text_config(ref_model).vocab_size)
     if a != b:
@@ -101,15 +103,16 @@ def check_same_vocabulary(policy_tokenizer, ref_path: str, ref_model: torch.nn.M
                          "a reference must share the policy's tokenizer")
 
 
-def make_reference(settings, engine, model_before_engine: torch.nn.Module | None, tokenizer, device: torch.device,
-                   dtype: torch.dtype, sp=None):
+def make_reference(settings: Settings, engine, model_before_engine: torch.nn.Module | None, tokenizer,
+                   device: torch.device, dtype: torch.dtype, build_model: Callable[..., torch.nn.Module], sp=None):
     """The DPO reference as ``reference(shard, layout) -> sums`` (``packtune.preference.step``).
 
     ``model_before_engine``: a copy of the policy as built, before an engine wrapped it (the
-    frozen reference of a full fine-tune); ``None`` otherwise."""
+    frozen reference of a full fine-tune); ``None`` otherwise. ``build_model``: the recipe's
+    model builder (``packtune.recipe.model_setup.build_model``), which loads a ``ref_model``."""
     from packtune.preference.objective import Objective
     from packtune.preference.step import sequence_scores
-    from packtune.recipe.model_setup import SetupError, build_model
+    from packtune.errors import SetupError
 
     objective = Objective.from_settings(settings)
     if settings.ref_model is not None:

@@ -30,14 +30,20 @@ import torch
 import torch.distributed as dist
 
 from packtune.loss import target_weights
-from packtune.loss_head import LOSS_CHUNK_SIZE, chunked_head, chunked_loss_sum, head_operands, product_dtype
+from packtune.loss_head import (
+    LOSS_CHUNK_SIZE,
+    chunked_head,
+    chunked_loss_sum,
+    head_operands,
+    product_dtype,
+    takes_logits_mask,
+)
 from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX
 from packtune.parallel.groups import SequenceParallel
 from packtune.parallel.shard import shard_micro_batch
 from packtune.preference.objective import METRIC_SUMS, Objective, metric_sums, pair_losses, pair_metrics
-from packtune.recipe.step import takes_logits_mask
 
 
 @dataclass

@@ -10,13 +10,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from packtune.config.settings import Settings
+from packtune.errors import SetupError
 from packtune.modeling import check_no_leak, enable_varlen
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class SetupError(RuntimeError):
-    """The run cannot start as configured on this machine (one clear line, exit code 2)."""
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -11,14 +11,12 @@ rank or 2.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 from dataclasses import dataclass
 
 import torch
 
 from packtune.loss import target_weights, weighted_loss_sum
-from packtune.loss_head import LOSS_CHUNK_SIZE, chunked_head
+from packtune.loss_head import LOSS_CHUNK_SIZE, chunked_head, takes_logits_mask
 from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
@@ -34,30 +32,6 @@ class StepResult:
     weight_total: float
     tokens: int
     trained_tokens: int
-
-
-@functools.lru_cache(maxsize=None)
-def takes_logits_mask(model_class: type) -> bool:
-    """Whether ``model_class`` slices its hidden states with a boolean ``logits_to_keep`` mask.
-
-    True when its forward takes ``logits_to_keep`` and hands it to transformers'
-    ``slice_logits_to_keep``, and that function (transformers >= 5) keeps exactly the masked
-    positions; older or custom model code gets full logits.
-    """
-    try:
-        from transformers.modeling_utils import slice_logits_to_keep
-    except ImportError:
-        return False
-    if "logits_to_keep" not in inspect.signature(model_class.forward).parameters:
-        return False
-    forward = inspect.unwrap(model_class.forward)  # past transformers' decorators
-    if getattr(forward, "__globals__", {}).get("slice_logits_to_keep") is not slice_logits_to_keep:
-        return False
-    try:
-        kept = slice_logits_to_keep(torch.zeros(1, 3, 1), torch.tensor([[True, False, True]]))
-    except Exception:  # an older transformers: integer counts and index tensors only
-        return False
-    return tuple(kept.shape) == (2, 1)
 
 
 def forward_loss_sum(

@@ -39,7 +39,8 @@ from packtune.recipe.engine_base import CheckpointMismatch
 from packtune.recipe.engines import engine_kind, make_engine
 from packtune.recipe.evaluate import evaluate
 from packtune.recipe.metrics import MetricsLogger
-from packtune.recipe.model_setup import SetupError, build_model, compute_dtype, model_source
+from packtune.errors import SetupError
+from packtune.recipe.model_setup import build_model, compute_dtype, model_source
 from packtune.recipe.sharded_init import model_construction
 from packtune.recipe.step import accumulate_gradients
 
@@ -305,7 +306,7 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
 
         objective = Objective.from_settings(settings)
         if objective.needs_reference:
-            reference = make_reference(settings, engine, frozen, tokenizer, env.device, dtype, sp)
+            reference = make_reference(settings, engine, frozen, tokenizer, env.device, dtype, build_model, sp)
             del frozen
             if settings.precompute_ref_log_probs:
                 precompute_reference(dataset, reference, lambda packs: _collate_packs(packs, settings, pad_id), env.device)

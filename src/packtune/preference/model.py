@@ -65,15 +65,16 @@ def load_reward_model(settings, dtype: torch.dtype, load_causal) -> torch.nn.Mod
 
 
 class _Scores(torch.nn.Module):
-    """A reward model seen as a model whose ``logits`` are every position's score."""
+    """A reward model seen as a model whose ``logits`` are every position's score. The reward model
+    is its ``module``, the way engines wrap a model, so ``transformers_model`` finds it."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.module = model
         self.config = model.config
 
     def forward(self, **kwargs):
-        tm = transformers_model(self.model)
+        tm = transformers_model(self.module)
         kwargs.pop("use_cache", None)
         hidden = tm.base_model(**kwargs, use_cache=False).last_hidden_state
         return SimpleNamespace(logits=tm.score(hidden))

@@ -388,7 +388,7 @@ def test_torch_kernel_gets_kv_heads_as_they_are(monkeypatch):
 
 
 def test_grad_norm_is_exact_without_copying_whole_gradients():
-    from packtune.recipe.engine_base import NORM_CHUNK_DEFAULT, clip_gradients, grad_norm
+    from packtune.recipe.engines.base import NORM_CHUNK_DEFAULT, clip_gradients, grad_norm
 
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(4_000_000, generator=gen) * 1e-3

@@ -358,7 +358,7 @@ def test_deepspeed_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):
     assert len(err.splitlines()) == 1, err
     assert "not installed" in err and "pip install" in err
 
-    from packtune.recipe.engine_deepspeed import require_deepspeed
+    from packtune.recipe.engines.deepspeed_config import require_deepspeed
 
     with pytest.raises(ImportError, match="pip install"):
         require_deepspeed()
@@ -366,7 +366,7 @@ def test_deepspeed_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):
 
 @pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
 def test_deepspeed_configs(tmp_path):
-    from packtune.recipe.engine_deepspeed import BUILTIN, fill_auto, resolve_deepspeed_config, zero_stage
+    from packtune.recipe.engines.deepspeed_config import BUILTIN, fill_auto, resolve_deepspeed_config, zero_stage
 
     stages = {name: zero_stage(resolve_deepspeed_config(name)) for name in BUILTIN}
     assert stages == {"deepspeed_zero1": 1, "deepspeed_zero2": 2, "deepspeed_zero3": 3,
@@ -398,7 +398,7 @@ def test_fsdp_finds_the_decoder_layers():
     from conftest import tiny_model
     from peft import LoraConfig, get_peft_model
 
-    from packtune.recipe.engine_fsdp import decoder_layers
+    from packtune.recipe.engines.fsdp import decoder_layers
 
     for family in ("llama", "qwen2", "gpt_bigcode"):
         model = tiny_model(family)
@@ -409,7 +409,7 @@ def test_fsdp_finds_the_decoder_layers():
 
 
 def test_unknown_folder_is_not_a_checkpoint(tmp_path):
-    from packtune.recipe.sharded import read_sharded_model_state
+    from packtune.recipe.engines import read_sharded_model_state
 
     with pytest.raises(ValueError, match="not a checkpoint packtune can read"):
         read_sharded_model_state(str(tmp_path))

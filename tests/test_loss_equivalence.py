@@ -17,7 +17,7 @@ from packtune.distributed import DistEnv
 from packtune.loss import REDUCTIONS, target_weights
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples, get_pack, layout_packs
-from packtune.recipe.engine_plain import PlainEngine
+from packtune.recipe.engines.plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients
 
 VOCAB = 96

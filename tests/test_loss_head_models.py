@@ -27,7 +27,7 @@ from packtune.loss import REDUCTIONS, target_weights, weighted_loss_sum
 from packtune.loss_head import HEAD_TRANSFORMS, ChunkedHead, chunked_head
 from packtune.packing.collate import collate_varlen
 from packtune.packing.packs import IGNORE_INDEX, get_pack, layout_packs
-from packtune.recipe.engine_plain import PlainEngine
+from packtune.recipe.engines.plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients, forward_loss_sum
 
 CHUNK = 5

@@ -254,7 +254,7 @@ def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
 def test_fp16_loss_scale_overflow_is_skipped_not_an_error(tmp_path, monkeypatch):
     """A GradScaler (CUDA fp16) whose scale overflows skips the step; on_nonfinite_loss='error'
     must not stop the run for it. Simulated on the CPU with a scale that overflows at once."""
-    from packtune.recipe import engine_plain as engine
+    from packtune.recipe.engines import plain as engine
 
     real_init = engine.PlainEngine.__init__
 
@@ -335,11 +335,11 @@ def test_qlora_on_cpu_is_one_clear_line(tmp_path, pretrained_folder, capsys):
 
 
 def test_resume_from_another_engines_checkpoint_is_one_line(tmp_path, capsys):
-    from packtune.recipe import sharded
+    from packtune.recipe import checkpoint_folders
 
     folder = tmp_path / "iter_2.pth"
     folder.mkdir()
-    sharded.write_info(str(folder), engine="fsdp", full_state=True, state_keys=[], trainable=[], meta={"step": 2})
+    checkpoint_folders.write_info(str(folder), engine="fsdp", full_state=True, state_keys=[], trainable=[], meta={"step": 2})
     code = main(["train", "tiny_mistral_full_demo", "--work-dir", str(tmp_path / "w"), "--resume", str(folder),
                  "--cfg-options", *BASE, "max_steps=3"])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading" not in line]

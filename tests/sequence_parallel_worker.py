@@ -33,7 +33,7 @@ from packtune.modeling import enable_varlen  # noqa: E402
 from packtune.packing.collate import collate_varlen  # noqa: E402
 from packtune.packing.packs import IGNORE_INDEX, build_packs  # noqa: E402
 from packtune.parallel.groups import init_sequence_parallel  # noqa: E402
-from packtune.parallel.shard import shard_bounds, shard_micro_batch  # noqa: E402
+from packtune.parallel.sequence_shards import shard_bounds, shard_micro_batch  # noqa: E402
 from packtune.attention.hf import SP_KWARG  # noqa: E402
 from packtune.parallel.ulysses import UlyssesContext, ulysses_attention  # noqa: E402
 from packtune.recipe.step import accumulate_gradients  # noqa: E402

@@ -432,7 +432,7 @@ def test_balanced_plan_keeps_the_packs_of_every_step():
     rank a full share, and a more even attention cost than the plain deal."""
     import numpy as np
 
-    from packtune.recipe.batches import StepPlan
+    from packtune.recipe.step_plan import StepPlan
 
     class Packs:
         def __init__(self, docs):

@@ -32,7 +32,7 @@ from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.parallel.groups import SequenceParallel, SequenceParallelError, init_sequence_parallel
 from packtune.parallel.limits import check_splittable
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.batches import StepPlan, data_parallel_size, empty_pack, keep_global_batch, processes
+from packtune.recipe.step_plan import StepPlan, data_parallel_size, empty_pack, keep_global_batch, processes
 from packtune.recipe.engines import ENGINES, engine_kind, model_construction
 from packtune.recipe.engines.base import CheckpointMismatch
 from packtune.recipe.evaluate import evaluate

@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's tiny_config
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers' tiny_config
 
 import packtune  # noqa: E402,F401  (registers packtune_varlen)
 from packtune.attention.varlen import varlen_attn_func  # noqa: E402
@@ -68,7 +68,7 @@ def model_config(family: str):
             num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, vocab_size=128,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0,
         )
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(family)  # mistral, qwen2, gemma2: sliding window 4 < documents
 

@@ -23,8 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import tiny_model
-from test_hf_integration import _leaky_attention
+from helpers import leaky_attention, tiny_model
 from packtune.attention import backends
 from packtune.attention.varlen import AttnRequest, CuSeqlens, varlen_attn_func
 from packtune.modeling import LeakError, check_no_leak, enable_varlen
@@ -68,7 +67,7 @@ def test_leak_check_runs_under_the_training_autocast(kernel_calls):
 def test_leak_check_under_autocast_still_catches_a_leak():
     from transformers import AttentionInterface
 
-    AttentionInterface.register("leaky_autocast_test", _leaky_attention)
+    AttentionInterface.register("leaky_autocast_test", leaky_attention)
     model = tiny_model("llama", "eager")
     model.set_attn_implementation("leaky_autocast_test")
     with pytest.raises(LeakError, match="does not honour packing boundaries"):

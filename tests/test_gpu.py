@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import same_weights, tiny_model
+from helpers import same_weights, tiny_model
 from packtune.attention import backends, varlen_attn_func
 from packtune.attention.varlen import AttnRequest
 

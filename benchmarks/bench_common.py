@@ -47,7 +47,7 @@ class Settings:
     attn_repeats: int = 7
     uniform_repeats: int = 15
     train_repeats: int = 5
-    # The architecture of packtune's own tiny Llama demo (configs/tiny_llama_full_demo.py),
+    # The architecture of packtune's own tiny Llama demo (the tiny_llama_full_demo config),
     # with a 2,048-token vocabulary; ``real_vocab`` adds an info row with the demo's own
     # 32,000, where the output layer and the loss dominate the step.
     model: dict = dataclasses.field(

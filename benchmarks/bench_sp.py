@@ -57,7 +57,7 @@ def _row(tokens: int, vocab: int, sp: int, device):
 
 
 def _engine(model, env, dtype):
-    from packtune.recipe.engine_plain import DDPEngine, PlainEngine
+    from packtune.recipe.engines.plain import DDPEngine, PlainEngine
 
     settings = SimpleNamespace(max_norm=1.0, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, warmup_ratio=0.0,
                                lora=None, model_config=None)

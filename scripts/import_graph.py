@@ -48,6 +48,8 @@ LAZY: dict[tuple[str, str], str] = {
         "registers the attention the moment transformers' modeling code is imported, not on import packtune",
     ("packtune", "packtune.ports.baichuan_alibi_config"):
         "registers baichuan_alibi with AutoConfig the moment transformers' Auto classes are imported",
+    ("packtune.data.tokenizer_loader", "packtune.ports.family_tokenizers"):
+        "a remote-code family's tokenizer is built by its port from the checkpoint's data files, never its code",
     ("packtune.ports.baichuan_alibi_config", "packtune.ports.baichuan_alibi"):
         "the model class is registered with its first config, never inside transformers' own imports",
 }

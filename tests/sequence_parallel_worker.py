@@ -24,7 +24,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # conftest's tiny_config
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # helpers' tiny_config
 
 import packtune  # noqa: E402,F401  (registers packtune_varlen)
 from packtune.attention.varlen import varlen_attn_func  # noqa: E402
@@ -33,7 +33,7 @@ from packtune.modeling import enable_varlen  # noqa: E402
 from packtune.packing.collate import collate_varlen  # noqa: E402
 from packtune.packing.packs import IGNORE_INDEX, build_packs  # noqa: E402
 from packtune.parallel.groups import init_sequence_parallel  # noqa: E402
-from packtune.parallel.shard import shard_bounds, shard_micro_batch  # noqa: E402
+from packtune.parallel.sequence_shards import shard_bounds, shard_micro_batch  # noqa: E402
 from packtune.attention.hf import SP_KWARG  # noqa: E402
 from packtune.parallel.ulysses import UlyssesContext, ulysses_attention  # noqa: E402
 from packtune.recipe.step import accumulate_gradients  # noqa: E402
@@ -68,7 +68,7 @@ def model_config(family: str):
             num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, vocab_size=128,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0,
         )
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     return tiny_config(family)  # mistral, qwen2, gemma2: sliding window 4 < documents
 

@@ -26,7 +26,7 @@ def gathered_state(construction, model, env, settings) -> dict[str, torch.Tensor
 
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from packtune.recipe.engine_fsdp import FSDPEngine
+    from packtune.recipe.engines.fsdp import FSDPEngine
 
     engine = FSDPEngine(model, env, settings, total_steps=1, compute_dtype=torch.float32, weights=construction.weights)
     state = engine.model.state_dict()
@@ -39,7 +39,7 @@ def main() -> None:
     from packtune.config import load_settings
     from packtune.distributed import init_distributed
     from packtune.recipe.model_setup import build_model
-    from packtune.recipe.sharded_init import model_construction
+    from packtune.recipe.engines import model_construction
 
     env = init_distributed("pytorch")
     kind, ds = {"zero3": ("deepspeed", "deepspeed_zero3"), "fsdp": ("fsdp", None)}[engine]

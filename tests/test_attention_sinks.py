@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from packed_alone import compare_packed_alone
+from packed_reference import compare_packed_alone
 from packtune.attention import backends
 from packtune.attention.varlen import AttnRequest, varlen_attn_func
 from varlen_reference import call_cost
@@ -142,7 +142,7 @@ def test_sinks_are_honoured_on_the_dense_path_too():
     """A padded batch (the dense-mask path) of gpt-oss rows equals each row alone."""
     import copy
 
-    from packed_alone import tiny
+    from packed_reference import tiny
     from packtune.modeling import enable_varlen
 
     model = tiny("gpt_oss", **SINK_FAMILIES["gpt_oss"]).eval()

@@ -6,9 +6,10 @@ import re
 
 import pytest
 
-from packtune.config import CONFIG_DIR, ConfigError, config_source, find_config, list_configs, load_settings
+from packtune.config import ConfigError, config_source, find_config, list_configs, load_settings
 from packtune.config import settings as S
-from packtune.config.catalog import ENTRIES, FAMILIES, render_config, tiny_names
+from packtune.config import catalog
+from packtune.config.catalog import ENTRIES, FAMILIES, TINY_DEMOS, TinyDemo, render_config, tiny_names
 
 NAMES = list_configs()
 PATTERN = re.compile(r"^(?P<model>[a-z0-9_]+?)_(?P<method>full|lora|qlora)_(?P<data>oasst1|alpaca)_e(?P<epochs>\d+)$")
@@ -58,7 +59,7 @@ def test_catalog_is_one_table_plus_the_tiny_files():
     assert {f.key for f in FAMILIES} == set(EXPECTED_FAMILIES)
     assert len(REAL) == 6 * len(EXPECTED_FAMILIES) == 174 and len(TINY) == 6 and len(PAIRS) == 9
     assert NAMES == sorted(NAMES) == sorted([*REAL, *PAIRS, *TINY])
-    assert TINY == tiny_names() and sorted(p.name for p in CONFIG_DIR.glob("*.py")) == [f"{n}.py" for n in TINY]
+    assert TINY == tiny_names() == sorted(TINY_DEMOS)
     assert list_configs("TINY") == TINY and "tiny_mistral_full_demo" in TINY and "tiny_llama_lora_demo" in TINY
     assert find_config("llama2_7b_lora_alpaca_e3.py") == find_config("llama2_7b_lora_alpaca_e3") == "llama2_7b_lora_alpaca_e3"
     assert "internlm_7b_full_oasst1_e3" in list_configs("internlm")
@@ -128,7 +129,24 @@ def test_the_copy_is_the_file_the_entry_stands_for(tmp_path):
         path = tmp_path / f"{name}_copy.py"
         path.write_text(config_source(name))
         assert load_settings(str(path)) == load_settings(name)
-    assert config_source("tiny_mistral_full_demo") == (CONFIG_DIR / "tiny_mistral_full_demo.py").read_text()
+    # A tiny demo's copy is a whole file: the base with the demo's differences written in.
+    text = config_source("tiny_llama_lora_demo")
+    assert text.startswith('"""Tiny Llama (random init), LoRA on the demo tasks.') and "{" not in text
+    assert "prompt_template = 'llama2_chat'\nmax_length = 256\n" in text and "\nlr = 2e-3\n" in text
+    assert "model_type='llama'" in text and "lora = dict(r=8" in text and "lora = None" not in text
+
+
+def test_a_tiny_demo_adds_a_setting_the_base_lacks_to_its_part(monkeypatch):
+    monkeypatch.setitem(TINY_DEMOS, "tiny_extra_demo", TinyDemo(
+        "Tiny Extra", {"model_type": "mistral"},
+        {"gradient_checkpointing": "gradient_checkpointing = True", "dataset_split": "dataset_split = 'train'",
+         "max_epochs": "max_epochs = 2", "seed": "seed = 7"}))
+    text = catalog.render_tiny("tiny_extra_demo")
+    parts = re.split(r"#+\n#\s+PART \d  .*\n#+\n", text)
+    assert "max_epochs = 2" in parts[1] and "gradient_checkpointing = True" in parts[2]
+    assert "dataset_split = 'train'" in parts[3] and parts[5].endswith("seed = 7\n") and "seed = 0" not in text
+    s = load_settings("tiny_extra_demo")
+    assert (s.gradient_checkpointing, s.dataset_split, s.max_epochs, s.seed) == (True, "train", 2, 7)
 
 
 def test_a_builtin_config_that_raises_names_its_line(monkeypatch):

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from packtune.config import Settings
 from packtune.convert import _save_tokenizer
 from packtune.data.templates import get_template
-from packtune.data.tokenizer import load_tokenizer
+from packtune.data.tokenizer_loader import load_tokenizer
 
 MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "Bye"}]
 

@@ -23,9 +23,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import tiny_model
-from test_hf_integration import _leaky_attention
+from helpers import leaky_attention, tiny_model
 from packtune.attention import backends
+from packtune.attention.backends import AttnCall
 from packtune.attention.varlen import AttnRequest, CuSeqlens, varlen_attn_func
 from packtune.modeling import LeakError, check_no_leak, enable_varlen
 from packtune.recipe import model_setup
@@ -38,10 +38,10 @@ def kernel_calls(monkeypatch):
     calls = []
     real = backends.run
 
-    def recording(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest, **kwargs):
-        calls.append(types.SimpleNamespace(name=name, dtype=q.dtype, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-                                           alibi=rest[-1], q=q))
-        return real(name, q, k, v, cu_seqlens_q, cu_seqlens_k, *rest, **kwargs)
+    def recording(name, call):
+        calls.append(types.SimpleNamespace(name=name, dtype=call.q.dtype, cu_q=call.cu_seqlens_q, cu_k=call.cu_seqlens_k,
+                                           alibi=call.alibi, q=call.q))
+        return real(name, call)
 
     monkeypatch.setattr(backends, "run", recording)
     return calls
@@ -68,7 +68,7 @@ def test_leak_check_runs_under_the_training_autocast(kernel_calls):
 def test_leak_check_under_autocast_still_catches_a_leak():
     from transformers import AttentionInterface
 
-    AttentionInterface.register("leaky_autocast_test", _leaky_attention)
+    AttentionInterface.register("leaky_autocast_test", leaky_attention)
     model = tiny_model("llama", "eager")
     model.set_attn_implementation("leaky_autocast_test")
     with pytest.raises(LeakError, match="does not honour packing boundaries"):
@@ -380,7 +380,7 @@ def test_torch_kernel_gets_kv_heads_as_they_are(monkeypatch):
     for fake in (varlen_2_11, varlen_2_13):
         monkeypatch.setattr(backends, "_torch_varlen", lambda f=fake: (f, frozenset(inspect.signature(f).parameters)))
         req = _cuda_request(torch.float32, head_dim=8, v_head_dim=8)
-        backends.run("torch", q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req, None)
+        backends.run("torch", AttnCall(q, k, v, _cu(lengths), _cu(lengths), (0, 3, 8), (0, 3, 8), 5, 5, 8**-0.5, req))
     assert seen == [(8, 2, 2, None), (8, 2, 2, True)]
 
 
@@ -388,7 +388,7 @@ def test_torch_kernel_gets_kv_heads_as_they_are(monkeypatch):
 
 
 def test_grad_norm_is_exact_without_copying_whole_gradients():
-    from packtune.recipe.engine_base import NORM_CHUNK_DEFAULT, clip_gradients, grad_norm
+    from packtune.recipe.engines.base import NORM_CHUNK_DEFAULT, clip_gradients, grad_norm
 
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(4_000_000, generator=gen) * 1e-3

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_packing import naive_bfd
+from helpers import naive_bfd
 
 import packtune.data.dataset as dataset_mod
 import packtune.data.sources as sources_mod

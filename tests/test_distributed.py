@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from helpers import LAUNCH_VARS, assert_ran, has_deepspeed, launch_env, read_metrics, run_command
 from packtune.distributed import free_port
 
 CONFIG = "tiny_mistral_full_demo"
@@ -37,36 +36,7 @@ ENGINES = {
     "fsdp": ["--fsdp"],
 }
 RESUMED = {"ddp", "zero3", "fsdp"}
-RUN_TIMEOUT = 300  # seconds; a run takes 15-25 s on 2 shared cores
 FAULT_DEADLINE = 120  # a failing job must end well within this
-
-
-def _has_deepspeed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-_LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PACKTUNE_DEBUG_RAISE")
-
-
-def _env(cache: str, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env.update(PACKTUNE_CACHE=cache, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
-    env.update(extra)
-    return env
-
-
-def _run(cmd: list[str], env: dict, timeout: float = RUN_TIMEOUT) -> tuple[int, str, float]:
-    tic = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        pytest.fail(f"{' '.join(cmd)} did not end within {timeout} s:\n{out[-4000:]}")
-    return proc.returncode, proc.stdout, time.monotonic() - tic
 
 
 def _train_cmd(work: str, engine_args: list[str], *, options=OPTIONS, resume: str | None = None, nproc: int | None = 2) -> list[str]:
@@ -80,11 +50,6 @@ def _train_cmd(work: str, engine_args: list[str], *, options=OPTIONS, resume: st
     if resume:
         cmd += ["--resume", resume]
     return cmd + ["--cfg-options", *options]
-
-
-def _metrics(work: str) -> list[dict]:
-    with open(os.path.join(work, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _close(a: float, b: float, rel: float) -> bool:
@@ -107,11 +72,6 @@ def _assert_same_curve(got: list[dict], want: list[dict], steps, rel: float = 1e
     return gaps
 
 
-def _ok(rc: int, out: str, what: str) -> None:
-    assert rc == 0, f"{what} exited {rc}:\n{out[-6000:]}"
-    assert "terminate called" not in out, f"{what} aborted at exit:\n{out[-3000:]}"
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("packtune_cache"))
@@ -121,11 +81,11 @@ def cache(tmp_path_factory) -> str:
 def baseline(tmp_path_factory, cache) -> dict:
     """One process, 2 accumulation steps: the same global batch as 2 processes x 1."""
     work = str(tmp_path_factory.mktemp("single"))
-    rc, out, _ = _run(_train_cmd(work, [], options=[*OPTIONS, "accumulative_counts=2"], nproc=None), _env(cache))
-    _ok(rc, out, "the 1-process run")
+    rc, out, _ = run_command(_train_cmd(work, [], options=[*OPTIONS, "accumulative_counts=2"], nproc=None), launch_env(cache))
+    assert_ran(rc, out, "the 1-process run")
     from packtune.convert import read_checkpoint
 
-    return {"work": work, "metrics": _metrics(work), "state": read_checkpoint(os.path.join(work, "iter_4.pth"))}
+    return {"work": work, "metrics": read_metrics(work), "state": read_checkpoint(os.path.join(work, "iter_4.pth"))}
 
 
 # --- the engines ----------------------------------------------------------------------------------
@@ -134,18 +94,18 @@ def baseline(tmp_path_factory, cache) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_engine_matches_one_process(engine, baseline, cache, tmp_path, monkeypatch):
-    if engine.startswith("zero") and not _has_deepspeed():
+    if engine.startswith("zero") and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     work = str(tmp_path / "work")
     if engine == "ddp":
         # XTuner's way: NPROC_PER_NODE relaunches `packtune train` under torchrun (free port).
         cmd = _train_cmd(work, [], nproc=None)
-        env = _env(cache, NPROC_PER_NODE="2")
+        env = launch_env(cache, NPROC_PER_NODE="2")
     else:
-        cmd, env = _train_cmd(work, ENGINES[engine]), _env(cache)
-    rc, out, seconds = _run(cmd, env)
-    _ok(rc, out, f"the {engine} run")
+        cmd, env = _train_cmd(work, ENGINES[engine]), launch_env(cache)
+    rc, out, seconds = run_command(cmd, env)
+    assert_ran(rc, out, f"the {engine} run")
     assert "engine ddp" in out if engine == "ddp" else True
     assert out.count("checkpoint: ") == 1, "the summary line is printed once, by rank 0"
 
@@ -154,7 +114,7 @@ def test_engine_matches_one_process(engine, baseline, cache, tmp_path, monkeypat
     # fp32 vector_norm on the CPU is off by up to ~2e-4 (relative, measured against float64) on
     # a gradient of millions of elements like lm_head's, which the 1-process run reports.
     norm_rel = 3e-4 if engine.startswith("zero") else None
-    gaps = _assert_same_curve(_metrics(work), baseline["metrics"], steps=(1, 2, 3, 4), norm_rel=norm_rel)
+    gaps = _assert_same_curve(read_metrics(work), baseline["metrics"], steps=(1, 2, 3, 4), norm_rel=norm_rel)
     print(f"\n{engine}: {seconds:.1f} s, largest relative gaps to 1 process: loss {gaps['loss']:.2e}, grad_norm {gaps['grad_norm']:.2e}")
 
     # The final checkpoint: a file (DDP) or a sharded folder, converted and loaded by transformers.
@@ -180,43 +140,43 @@ def test_engine_matches_one_process(engine, baseline, cache, tmp_path, monkeypat
 
     if engine in RESUMED:
         # Resume from step 2 as if step 4 never happened: steps 3 and 4 repeat exactly.
-        first = _metrics(work)
+        first = read_metrics(work)
         shutil.rmtree(final) if os.path.isdir(final) else os.remove(final)
         with open(os.path.join(work, "last_checkpoint"), "w") as f:
             f.write(os.path.join(os.path.abspath(work), "iter_2.pth") + "\n")
-        rc, out, _ = _run(_train_cmd(work, ENGINES[engine], resume="auto"), _env(cache))
-        _ok(rc, out, f"the resumed {engine} run")
+        rc, out, _ = run_command(_train_cmd(work, ENGINES[engine], resume="auto"), launch_env(cache))
+        assert_ran(rc, out, f"the resumed {engine} run")
         assert "resumed from" in out and "at step 2" in out
-        again = _metrics(work)
+        again = read_metrics(work)
         assert [r["step"] for r in again] == [1, 2, 3, 4]
         _assert_same_curve(again, first, steps=(3, 4), rel=1e-5)
         assert os.path.exists(final)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_deepspeed_accumulation_matches_one_process(cache, tmp_path):
     """2 processes x 2 accumulation steps under ZeRO-2 (boundary set per micro-batch, one
     ``step()``) equal 1 process x 4: the update of step 1 shows in the loss of step 2."""
     options = ["max_steps=2", "log_steps=1", "save_steps=10", "batch_size=1", "max_length=128", "evaluation_inputs=[]"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    rc, out, _ = _run(_train_cmd(one, [], options=[*options, "accumulative_counts=4"], nproc=None), _env(cache))
-    _ok(rc, out, "the 1-process run")
-    rc, out, _ = _run(_train_cmd(two, ENGINES["zero2"], options=[*options, "accumulative_counts=2"]), _env(cache))
-    _ok(rc, out, "the ZeRO-2 run")
-    _assert_same_curve(_metrics(two), _metrics(one), steps=(1, 2), norm_rel=3e-4)
+    rc, out, _ = run_command(_train_cmd(one, [], options=[*options, "accumulative_counts=4"], nproc=None), launch_env(cache))
+    assert_ran(rc, out, "the 1-process run")
+    rc, out, _ = run_command(_train_cmd(two, ENGINES["zero2"], options=[*options, "accumulative_counts=2"]), launch_env(cache))
+    assert_ran(rc, out, "the ZeRO-2 run")
+    _assert_same_curve(read_metrics(two), read_metrics(one), steps=(1, 2), norm_rel=3e-4)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_deepspeed_offload_on_one_process(baseline, cache, tmp_path):
     """``packtune train --deepspeed deepspeed_zero3_offload`` without a launcher (one GPU, as
     XTuner users offload): a group of one is made for DeepSpeed, and the run equals the plain one."""
     work = str(tmp_path / "work")
     cmd = _train_cmd(work, ["--deepspeed", "deepspeed_zero3_offload"], options=[*OPTIONS, "accumulative_counts=2"], nproc=None)
-    rc, out, _ = _run(cmd, _env(cache))
-    _ok(rc, out, "the one-process ZeRO-3 offload run")
-    _assert_same_curve(_metrics(work), baseline["metrics"], steps=(1, 2, 3, 4), norm_rel=3e-4)
+    rc, out, _ = run_command(cmd, launch_env(cache))
+    assert_ran(rc, out, "the one-process ZeRO-3 offload run")
+    _assert_same_curve(read_metrics(work), baseline["metrics"], steps=(1, 2, 3, 4), norm_rel=3e-4)
 
 
 @pytest.fixture(scope="module")
@@ -240,25 +200,25 @@ def pretrained_folder(tmp_path_factory):
 def test_sharded_lora_on_a_pretrained_base(engine, pretrained_folder, cache, tmp_path, monkeypatch):
     """LoRA on a downloaded base under ZeRO-3 / FSDP2: the sharded checkpoints hold only the
     adapter, resume repeats step 2 exactly, and the last converts to a PEFT adapter."""
-    if engine.startswith("zero") and not _has_deepspeed():
+    if engine.startswith("zero") and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     options = [f"pretrained_model_name_or_path={pretrained_folder!r}", "model_config=None", "tokenizer_name_or_path=None",
                "lora={'r': 4}", "max_steps=2", "save_steps=1", "log_steps=1", "batch_size=1", "max_length=128",
                "evaluation_inputs=[]", "lr=1e-2"]
     work = str(tmp_path / "work")
-    rc, out, _ = _run(_train_cmd(work, ENGINES[engine], options=options), _env(cache))
-    _ok(rc, out, f"the {engine} LoRA run")
+    rc, out, _ = run_command(_train_cmd(work, ENGINES[engine], options=options), launch_env(cache))
+    assert_ran(rc, out, f"the {engine} LoRA run")
     from packtune.convert import read_checkpoint
 
     state = read_checkpoint(os.path.join(work, "iter_2.pth"))
     assert state and all("lora_" in k for k in state), sorted(state)[:5]
 
-    first = _metrics(work)
+    first = read_metrics(work)
     shutil.rmtree(os.path.join(work, "iter_2.pth"))
-    rc, out, _ = _run(_train_cmd(work, ENGINES[engine], options=options, resume=os.path.join(work, "iter_1.pth")), _env(cache))
-    _ok(rc, out, f"the resumed {engine} LoRA run")
-    _assert_same_curve(_metrics(work), first, steps=(2,), rel=1e-5)
+    rc, out, _ = run_command(_train_cmd(work, ENGINES[engine], options=options, resume=os.path.join(work, "iter_1.pth")), launch_env(cache))
+    assert_ran(rc, out, f"the resumed {engine} LoRA run")
+    _assert_same_curve(read_metrics(work), first, steps=(2,), rel=1e-5)
 
     from peft import AutoPeftModelForCausalLM
 
@@ -275,14 +235,14 @@ def test_sharded_lora_on_a_pretrained_base(engine, pretrained_folder, cache, tmp
 def test_rank_that_raises_ends_the_job(engine, cache, tmp_path):
     """Rank 1 raises at step 2 while rank 0 waits in a collective: the job ends, non-zero,
     with rank 1's error in the output, in seconds (not at the process-group timeout)."""
-    if engine.startswith("zero") and not _has_deepspeed():
+    if engine.startswith("zero") and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     work = str(tmp_path / "work")
-    rc, out, seconds = _run(_train_cmd(work, ENGINES[engine]), _env(cache, PACKTUNE_DEBUG_RAISE="1:2"), timeout=FAULT_DEADLINE + 60)
+    rc, out, seconds = run_command(_train_cmd(work, ENGINES[engine]), launch_env(cache, PACKTUNE_DEBUG_RAISE="1:2"), timeout=FAULT_DEADLINE + 60)
     assert rc != 0, out[-3000:]
     assert "rank 1 of 2 failed: InjectedFault: PACKTUNE_DEBUG_RAISE: rank 1 raises at step 2" in out, out[-3000:]
     assert seconds < FAULT_DEADLINE, f"the failing job took {seconds:.0f} s"
-    assert [r["step"] for r in _metrics(work)] == [1]
+    assert [r["step"] for r in read_metrics(work)] == [1]
 
 
 @pytest.mark.slow
@@ -294,7 +254,7 @@ def test_data_error_on_the_main_rank_ends_the_job(cache, tmp_path):
     rows.append({"instruction": "no output field"})
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     options = [*OPTIONS, f"dataset={data}", "on_bad_row=error"]
-    rc, out, seconds = _run(_train_cmd(str(tmp_path / "work"), [], options=options), _env(str(tmp_path / "cache")),
+    rc, out, seconds = run_command(_train_cmd(str(tmp_path / "work"), [], options=options), launch_env(str(tmp_path / "cache")),
                             timeout=FAULT_DEADLINE + 60)
     assert rc != 0
     assert "rank 0 of 2 failed: DataError" in out and "line 4" in out and "bad row" in out, out[-3000:]
@@ -324,7 +284,7 @@ def test_slurm_variables(monkeypatch):
 def test_torchrun_relaunch_command(monkeypatch):
     from packtune.distributed import torchrun_args
 
-    for var in _LAUNCH_VARS:
+    for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     assert torchrun_args(["train", "cfg"]) is None
     monkeypatch.setenv("NPROC_PER_NODE", "4")
@@ -349,7 +309,7 @@ def test_torchrun_relaunch_command(monkeypatch):
 def test_deepspeed_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):
     from packtune.cli.main import main
 
-    for var in _LAUNCH_VARS:
+    for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
     code = main(["train", CONFIG, "--work-dir", str(tmp_path), "--deepspeed", "deepspeed_zero2"])
@@ -358,15 +318,15 @@ def test_deepspeed_missing_is_one_clear_line(monkeypatch, capsys, tmp_path):
     assert len(err.splitlines()) == 1, err
     assert "not installed" in err and "pip install" in err
 
-    from packtune.recipe.engine_deepspeed import require_deepspeed
+    from packtune.recipe.engines.deepspeed_config import require_deepspeed
 
     with pytest.raises(ImportError, match="pip install"):
         require_deepspeed()
 
 
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_deepspeed_configs(tmp_path):
-    from packtune.recipe.engine_deepspeed import BUILTIN, fill_auto, resolve_deepspeed_config, zero_stage
+    from packtune.recipe.engines.deepspeed_config import BUILTIN, fill_auto, resolve_deepspeed_config, zero_stage
 
     stages = {name: zero_stage(resolve_deepspeed_config(name)) for name in BUILTIN}
     assert stages == {"deepspeed_zero1": 1, "deepspeed_zero2": 2, "deepspeed_zero3": 3,
@@ -395,10 +355,10 @@ def test_deepspeed_configs(tmp_path):
 
 
 def test_fsdp_finds_the_decoder_layers():
-    from conftest import tiny_model
+    from helpers import tiny_model
     from peft import LoraConfig, get_peft_model
 
-    from packtune.recipe.engine_fsdp import decoder_layers
+    from packtune.recipe.engines.fsdp import decoder_layers
 
     for family in ("llama", "qwen2", "gpt_bigcode"):
         model = tiny_model(family)
@@ -409,7 +369,7 @@ def test_fsdp_finds_the_decoder_layers():
 
 
 def test_unknown_folder_is_not_a_checkpoint(tmp_path):
-    from packtune.recipe.sharded import read_sharded_model_state
+    from packtune.recipe.engines import read_sharded_model_state
 
     with pytest.raises(ValueError, match="not a checkpoint packtune can read"):
         read_sharded_model_state(str(tmp_path))
@@ -432,7 +392,7 @@ def test_balanced_plan_keeps_the_packs_of_every_step():
     rank a full share, and a more even attention cost than the plain deal."""
     import numpy as np
 
-    from packtune.recipe.batches import StepPlan
+    from packtune.recipe.step_plan import StepPlan
 
     class Packs:
         def __init__(self, docs):

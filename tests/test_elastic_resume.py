@@ -244,7 +244,7 @@ def test_a_global_batch_that_cannot_stay_is_refused(reference, base, cache, tmp_
 
 
 def test_keep_global_batch():
-    from packtune.recipe.batches import keep_global_batch
+    from packtune.recipe.step_plan import keep_global_batch
 
     meta = {"global_packs": 8, "world_size": 4, "settings": {"batch_size": 1, "accumulative_counts": 2}}
     assert keep_global_batch(meta, 1, 2, 4, "c") == 2  # unchanged
@@ -262,7 +262,7 @@ def test_keep_global_batch():
 def test_data_position_is_kept_in_packs():
     """The position survives any split of the same global batch, across epochs and the
     short last step of an epoch; another dataset size is refused."""
-    from packtune.recipe.batches import StepPlan
+    from packtune.recipe.step_plan import StepPlan
 
     class Packs(list):
         def epoch_order(self, epoch):

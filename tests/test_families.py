@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import FAMILIES, SLIDING, same_weights, tiny_model
+from helpers import FAMILIES, SLIDING, same_weights, tiny_model
 
 LENGTHS = (3, 9, 6, 12)
 
@@ -148,7 +148,7 @@ def test_packed_equals_alone_zero_and_one_token_documents(model_type):
 
 def test_sliding_families_have_a_window_shorter_than_documents():
     """The equivalence above only proves the window if documents are longer than it."""
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     for model_type in SLIDING:
         cfg = tiny_config(model_type)
@@ -159,7 +159,7 @@ def test_sliding_families_have_a_window_shorter_than_documents():
 
 
 def test_gemma2_softcapping_is_on():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config("gemma2")
     assert cfg.attn_logit_softcapping and cfg.final_logit_softcapping
@@ -167,7 +167,7 @@ def test_gemma2_softcapping_is_on():
 
 
 def test_deepseek_v3_is_mla_and_moe():
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config("deepseek_v3")
     assert cfg.v_head_dim != cfg.qk_nope_head_dim + cfg.qk_rope_head_dim

@@ -23,7 +23,7 @@ import sentencepiece as spm
 import tiktoken
 
 from packtune.data import DataError, get_template, load_tokenizer
-from packtune.data.family_tokenizers import FAMILIES, QWEN_PATTERN
+from packtune.ports.family_tokenizers import FAMILIES, QWEN_PATTERN
 from packtune.data.tokenize import encode_segments
 
 CORPUS = """The quick brown fox jumps over the lazy dog, twice.

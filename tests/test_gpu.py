@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import same_weights, tiny_model
+from helpers import same_weights, tiny_model
 from packtune.attention import backends, varlen_attn_func
 from packtune.attention.varlen import AttnRequest
 
@@ -405,7 +405,7 @@ def test_alibi_slopes_on_the_cpu_in_fp64():
 
 
 def test_grad_norm_on_cuda_matches_fp64():
-    from packtune.recipe.engine_base import grad_norm
+    from packtune.recipe.engines.base import grad_norm
 
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     grads = [torch.randn(n, device=DEVICE, generator=gen) * 1e-3 for n in (20_000_000, 4096, 7)]

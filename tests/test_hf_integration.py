@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import transformers
 from transformers import AttentionInterface
 
-from conftest import same_weights, tiny_model
+from helpers import leaky_attention, same_weights, tiny_model
 from packtune.attention import ATTN_IMPLEMENTATION, cu_seqlens_from_position_ids
 from packtune.attention.hf import BACKEND_ATTR, packtune_attention_forward, packtune_mask
 from packtune.modeling import LeakError, check_no_leak, enable_varlen
@@ -301,16 +301,8 @@ def test_check_no_leak_passes_for_enabled_models(model_type):
     assert model.training  # restored
 
 
-def _leaky_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Plain causal attention over the whole row: ignores every document boundary."""
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
 def test_check_no_leak_catches_attention_that_ignores_boundaries():
-    AttentionInterface.register("leaky_test", _leaky_attention)
+    AttentionInterface.register("leaky_test", leaky_attention)
     model = tiny_model("llama", "eager")
     model.set_attn_implementation("leaky_test")
     assert model.config._attn_implementation == "leaky_test"

@@ -10,32 +10,13 @@ layers: the count must not grow with depth. It is counted on the CPU, where the 
 
 from __future__ import annotations
 
-import collections
 import types
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from packtune.modeling import enable_varlen
-
-READS = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__", "numpy", "cpu")
-
-
-@pytest.fixture
-def host_reads(monkeypatch):
-    """A counter of host reads of any tensor, per kind, while the fixture is active."""
-    counts: collections.Counter = collections.Counter()
-    for name in READS:
-        original = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _name=name, _original=original, **kwargs):
-            counts[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return counts
-
 
 LENGTHS = [5, 9, 3, 7]
 

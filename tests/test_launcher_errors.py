@@ -143,7 +143,7 @@ def _has_deepspeed() -> bool:
 
 @pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
 def test_builtin_deepspeed_name_wins_over_a_path(tmp_path, monkeypatch):
-    from packtune.recipe.engine_deepspeed import resolve_deepspeed_config, zero_stage
+    from packtune.recipe.engines.deepspeed_config import resolve_deepspeed_config, zero_stage
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "deepspeed_zero2").mkdir()  # `--work-dir deepspeed_zero2 --deepspeed deepspeed_zero2`

@@ -26,7 +26,7 @@ from packtune.attention.varlen import CuSeqlens
 from packtune.layers import VARLEN_LAYERS
 from packtune.layers.gated_delta import CHUNK_SIZE, varlen_chunk_gated_delta_rule
 from packtune.layers.segments import Segments
-from stateful_reference import (
+from packed_reference import (
     assert_packed_equals_alone,
     cuda_logit_error,
     relative_errors,
@@ -137,17 +137,23 @@ def test_scan_without_boundaries_equals_transformers_chunked_scan():
 
 # ----------------------------------------------------------------------------- whole models
 
+#: 2e-5, not 1e-5: transformers' own scan runs in fp32 whatever the model's dtype, and on OLMo
+#: Hybrid (beta up to 2) the reference's ``A_log`` / ``dt_bias`` gradients were measured 1.0e-5
+#: from the float64 value, the packed row's 2e-6.
+STATEFUL_RTOL = 2e-5
+
 
 @pytest.mark.parametrize("model_type", FAMILIES, ids=list(FAMILIES))
 def test_packed_row_equals_documents_alone(model_type):
     model = tiny_causal_lm(model_type, **FAMILIES[model_type])
     soften_decays(model)
-    assert_packed_equals_alone(model, LONG)
+    assert_packed_equals_alone(model, [LONG], by_positions=True, rtol=STATEFUL_RTOL, seed=1)
 
 
 def test_default_decays_short_documents():
     """The issue's four documents, random init's decays untouched."""
-    assert_packed_equals_alone(tiny_causal_lm("qwen3_5_text", **FAMILIES["qwen3_5_text"]), (17, 5, 30, 9))
+    assert_packed_equals_alone(tiny_causal_lm("qwen3_5_text", **FAMILIES["qwen3_5_text"]), [(17, 5, 30, 9)], by_positions=True,
+                               rtol=STATEFUL_RTOL, seed=1)
 
 
 def test_without_enable_varlen_the_state_leaks():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers.models.kimi_linear import modeling_kimi_linear as kimi
 
-from packed_vs_alone import assert_close_scaled, assert_packed_equals_alone, build
+from packed_reference import assert_close_scaled, assert_packed_equals_alone, build
 from packtune.attention.varlen import CuSeqlens
 from packtune.layers import VARLEN_LAYERS, install_varlen_layers
 from packtune.layers.kda import CHUNK_SIZE, chunk_kda_varlen, kda_scan

@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from packed_vs_alone import assert_packed_equals_alone, build
+from packed_reference import assert_packed_equals_alone, build
 from packtune.attention.varlen import CuSeqlens
 from packtune.layers import VARLEN_LAYERS, install_varlen_layers
 from packtune.layers.lightning import lightning_attention_varlen

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 
 import packtune.modeling as modeling
-from conftest import tiny_model
+from helpers import tiny_model
 from packtune.layers import VARLEN_LAYERS
 from packtune.modeling import MIN_REACH, LeakError, check_no_leak, enable_varlen, leak_check_lengths
 

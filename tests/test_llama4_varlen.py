@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 import packtune.layers.llama4 as llama4
-from packed_alone import compare_packed_alone
+from packed_reference import compare_packed_alone
 
 CONFIG = dict(
     attention_chunk_size=8,

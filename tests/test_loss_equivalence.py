@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import packtune  # noqa: F401  (registers packtune_varlen)
+from helpers import random_samples
 from packtune.distributed import DistEnv
 from packtune.loss import REDUCTIONS, target_weights
 from packtune.packing.collate import collate_padded, collate_varlen
-from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples, get_pack, layout_packs
-from packtune.recipe.engine_plain import PlainEngine
+from packtune.packing.packs import get_pack, layout_packs
+from packtune.recipe.engines.plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients
 
 VOCAB = 96
@@ -43,18 +44,6 @@ def models():
     padded = AutoModelForCausalLM.from_config(copy.deepcopy(_config()), attn_implementation="sdpa")
     padded.load_state_dict(varlen.state_dict())
     return varlen, padded
-
-
-def _samples(seed: int, n: int = 7) -> TokenizedSamples:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        length = int(rng.integers(3, 14))
-        prompt = int(rng.integers(1, length - 1))
-        ids = rng.integers(1, VOCAB, length)
-        labels = np.where(np.arange(length) < prompt, IGNORE_INDEX, ids)
-        out.append((ids.tolist(), labels.tolist()))
-    return TokenizedSamples.from_lists(out)
 
 
 def _engine(model):
@@ -95,7 +84,7 @@ def _packed(models, samples, reduction, strategy, max_length, batch_size):
     [("bfd", 16, 1), ("bfd", 24, 2), ("sequential", 20, 1), ("bfd", 40, 3), ("sequential", 16, 100)],
 )
 def test_packed_step_gradient_equals_unpacked(models, reduction, strategy, max_length, batch_size):
-    samples = _samples(seed=max_length + batch_size)
+    samples = random_samples(seed=max_length + batch_size)
     ref_loss, ref = _reference(models, samples, reduction)
     loss, got = _packed(models, samples, reduction, strategy, max_length, batch_size)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -111,7 +100,7 @@ def test_packed_step_gradient_equals_unpacked(models, reduction, strategy, max_l
     batch_size=st.integers(1, 4),
 )
 def test_packing_never_changes_the_step(models, seed, reduction, strategy, max_length, batch_size):
-    samples = _samples(seed, n=5)
+    samples = random_samples(seed, n=5)
     ref_loss, ref = _reference(models, samples, reduction)
     loss, got = _packed(models, samples, reduction, strategy, max_length, batch_size)
     assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -136,7 +125,7 @@ def test_logits_are_computed_only_at_trained_positions(models):
     """The vocabulary projection runs on trained positions only, with the same loss."""
     from transformers import AutoModelForCausalLM
 
-    from conftest import FAMILIES, tiny_config
+    from helpers import FAMILIES, tiny_config
     from packtune.loss import weighted_loss_sum
     from packtune.loss_head import takes_logits_mask
     from packtune.recipe.step import forward_loss_sum
@@ -144,7 +133,7 @@ def test_logits_are_computed_only_at_trained_positions(models):
     for family in FAMILIES:  # every family of the equivalence tests takes the mask
         assert takes_logits_mask(type(AutoModelForCausalLM.from_config(tiny_config(family)))), family
     varlen, _ = models
-    samples = _samples(seed=3)
+    samples = random_samples(seed=3)
     layout, _ = layout_packs(samples, 32, "bfd")
     batch = collate_varlen([get_pack(samples, layout, p) for p in range(len(layout))])
     targets, weights = target_weights(batch.labels, batch.cu_seqlens, "token")

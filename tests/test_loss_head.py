@@ -14,8 +14,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from helpers import Largest
 from packtune.loss import REDUCTIONS, target_weights, weighted_loss_sum
 from packtune.loss_head import chunked_loss_sum
 
@@ -155,22 +155,6 @@ def test_backward_runs_once_and_bad_arguments_are_refused():
         chunked_loss_sum(h, w[:, :4], targets, weights, 4)
     with pytest.raises(ValueError, match=r"must be \(10,\)"):
         chunked_loss_sum(h, w, targets[:5], weights, 4)
-
-
-class Largest(TorchDispatchMode):
-    """Records the largest ``size(t)`` over every tensor an operation returns (forward and backward)."""
-
-    def __init__(self, size=torch.Tensor.numel):
-        super().__init__()
-        self.size = size
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, self.size(t))
-        return out
 
 
 def test_logits_never_exist_in_full():

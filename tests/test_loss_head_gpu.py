@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import tiny_model
+from helpers import tiny_model
 from packtune.loss import target_weights, weighted_loss_sum
 from packtune.loss_head import chunked_loss_sum
 from packtune.packing.collate import collate_varlen

@@ -20,18 +20,17 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import tiny_config
-from test_loss_equivalence import _samples
+from helpers import random_samples, tiny_config
 from packtune.distributed import DistEnv
 from packtune.loss import REDUCTIONS, target_weights, weighted_loss_sum
 from packtune.loss_head import HEAD_TRANSFORMS, ChunkedHead, chunked_head
 from packtune.packing.collate import collate_varlen
 from packtune.packing.packs import IGNORE_INDEX, get_pack, layout_packs
-from packtune.recipe.engine_plain import PlainEngine
+from packtune.recipe.engines.plain import PlainEngine
 from packtune.recipe.step import accumulate_gradients, forward_loss_sum
 
 CHUNK = 5
-VOCAB, HIDDEN = 128, 64  # conftest's tiny vocabulary and hidden size
+VOCAB, HIDDEN = 128, 64  # helpers' tiny vocabulary and hidden size
 _EXTRA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=VOCAB, max_position_embeddings=256, attention_dropout=0.0, pad_token_id=0, bos_token_id=1,
               eos_token_id=2, tie_word_embeddings=False)
@@ -47,7 +46,7 @@ MODELS = {
     "Qwen3ForCausalLM": ("qwen3", {}),
     "Qwen3MoeForCausalLM": ("qwen3_moe", {**_MOE, "head_dim": 16}),
     "GemmaForCausalLM": ("gemma", {}),
-    "Gemma2ForCausalLM": ("gemma2", {}),  # final_logit_softcapping=10.0 (conftest)
+    "Gemma2ForCausalLM": ("gemma2", {}),  # final_logit_softcapping=10.0 (helpers)
     "Gemma3ForCausalLM": ("gemma3_text", {"final_logit_softcapping": 5.0}),
     "Phi3ForCausalLM": ("phi3", {}),
     "Starcoder2ForCausalLM": ("starcoder2", {}),
@@ -67,7 +66,7 @@ TRANSFORMED = {"Gemma2ForCausalLM": "softcap", "Gemma3ForCausalLM": "softcap", "
 def _model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
     try:
         cfg = tiny_config(model_type, **overrides)
-    except KeyError:  # not one of conftest's families
+    except KeyError:  # not one of helpers' families
         cfg = AutoConfig.for_model(model_type, **{**_EXTRA, **overrides})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="packtune_varlen", dtype=torch.float32)
@@ -75,7 +74,7 @@ def _model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def _batches(seed: int, n: int = 9, max_length: int = 40, per_batch: int = 2):
     """Packed micro-batches of ``n`` samples, each a prompt (untrained) and an answer."""
-    samples = _samples(seed, n)  # token ids < 96 <= VOCAB
+    samples = random_samples(seed, n)  # token ids < 96 <= VOCAB
     layout, _ = layout_packs(samples, max_length, "bfd")
     packs = [get_pack(samples, layout, p) for p in range(len(layout))]
     return [collate_varlen(packs[i : i + per_batch]) for i in range(0, len(packs), per_batch)]
@@ -271,7 +270,7 @@ def test_the_output_layer_must_run_once():
 def test_a_training_step_never_holds_the_logits_of_more_than_a_chunk():
     """Every tensor of forward and backward with a vocabulary-sized last dimension (logits and
     their gradients) covers at most ``CHUNK`` positions; the plain head's cover all trained ones."""
-    from test_loss_head import Largest
+    from helpers import Largest
 
     def logit_rows(t: torch.Tensor) -> int:
         # (hidden, vocab) is the output weight transposed, not logits

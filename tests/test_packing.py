@@ -11,27 +11,10 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from helpers import naive_bfd
 from packtune.packing import pack_plan, plan_array
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples, build_packs, get_pack, layout_packs
-
-
-def naive_bfd(lengths, max_length):
-    """Textbook best-fit decreasing, O(n^2): the specification pack_plan must match."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    rooms, packs = [], []
-    for i in order:
-        best = None
-        for b, room in enumerate(rooms):
-            if room >= lengths[i] and (best is None or room < rooms[best]):
-                best = b
-        if best is None:
-            rooms.append(max_length)
-            packs.append([])
-            best = len(rooms) - 1
-        rooms[best] -= lengths[i]
-        packs[best].append(i)
-    return [sorted(p) for p in packs]
 
 
 # --- pack_plan -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import warnings
 import pytest
 import torch
 from ports_reference import CONFIGS, VOCAB, write_checkpoint
-from test_host_sync import host_reads  # noqa: F401  (fixture)
 
 import packtune
 from packtune.cli.main import main

@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 from ports_reference import write_checkpoint
-from test_distributed import _env, _has_deepspeed, _ok, _run
+from helpers import assert_ran, has_deepspeed, launch_env, run_command
 
 from packtune.convert import read_checkpoint
 from packtune.distributed import free_port
@@ -51,8 +51,8 @@ def _train(tmp_path, name: str, nproc: int, engine_args: list[str], model, data,
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", *cmd[1:], "--launcher", "pytorch"]
-    rc, out, _ = _run(cmd, _env(str(cache)))
-    _ok(rc, out, name)
+    rc, out, _ = run_command(cmd, launch_env(str(cache)))
+    assert_ran(rc, out, name)
     metrics = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     return metrics, read_checkpoint(str(work / "iter_2.pth"))
 
@@ -60,7 +60,7 @@ def _train(tmp_path, name: str, nproc: int, engine_args: list[str], model, data,
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_ported_family_trains_the_same_sharded(engine, tmp_path):
-    if engine == "zero3" and not _has_deepspeed():
+    if engine == "zero3" and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     model, data, cache = tmp_path / "internlm2-tiny", tmp_path / "data.json", tmp_path / "cache"
     write_checkpoint(model, "internlm2", vocab_size=32000)

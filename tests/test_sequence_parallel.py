@@ -29,7 +29,7 @@ from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX, build_packs
 from packtune.parallel.groups import SequenceParallel, SequenceParallelError
 from packtune.parallel.limits import check_splittable
-from packtune.parallel.shard import shard_bounds, shard_micro_batch
+from packtune.parallel.sequence_shards import shard_bounds, shard_micro_batch
 from packtune.config.sizes import heads_problem, world_problem
 from packtune.attention.hf import SP_KWARG
 from packtune.parallel.ulysses import kv_head_table

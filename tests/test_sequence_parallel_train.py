@@ -23,7 +23,7 @@ import os
 import sys
 
 import pytest
-from test_distributed import _env, _metrics, _ok, _run
+from helpers import assert_ran, launch_env, read_metrics, run_command
 
 CONFIG = "tiny_mistral_full_demo"
 OPTIONS = ["max_steps=5", "log_steps=1", "save_steps=100", "batch_size=1", "max_length=128", "evaluation_inputs=[]"]
@@ -32,8 +32,8 @@ TIMEOUT = 400  # seconds; a 4-process run takes 40-80 s on 2 shared cores
 
 
 def _train(work: str, env: dict, *args: str) -> str:
-    rc, out, _ = _run([sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *args], env, timeout=TIMEOUT)
-    _ok(rc, out, f"packtune train {' '.join(args)}")
+    rc, out, _ = run_command([sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *args], env, timeout=TIMEOUT)
+    assert_ran(rc, out, f"packtune train {' '.join(args)}")
     return out
 
 
@@ -44,8 +44,8 @@ def one_process(tmp_path_factory) -> dict:
     from packtune.convert import read_checkpoint
 
     cache, work = (str(tmp_path_factory.mktemp(name)) for name in ("packtune_cache", "one"))
-    _train(work, _env(cache), "--cfg-options", *OPTIONS, "accumulative_counts=2")
-    return {"cache": cache, "metrics": _metrics(work), "state": read_checkpoint(os.path.join(work, "iter_5.pth"))}
+    _train(work, launch_env(cache), "--cfg-options", *OPTIONS, "accumulative_counts=2")
+    return {"cache": cache, "metrics": read_metrics(work), "state": read_checkpoint(os.path.join(work, "iter_5.pth"))}
 
 
 @pytest.mark.slow
@@ -56,10 +56,10 @@ def test_sequence_parallel_training_equals_one_process(engine, one_process, tmp_
     from packtune.convert import read_checkpoint
 
     work = str(tmp_path / "work")
-    out = _train(work, _env(one_process["cache"], NPROC_PER_NODE="4"), *ENGINES[engine], "--cfg-options", *OPTIONS, "sequence_parallel_size=2")
+    out = _train(work, launch_env(one_process["cache"], NPROC_PER_NODE="4"), *ENGINES[engine], "--cfg-options", *OPTIONS, "sequence_parallel_size=2")
     assert "sequence parallel: 2 data-parallel groups x 2 ranks (Ulysses)" in out
 
-    got, want = _metrics(work), one_process["metrics"]
+    got, want = read_metrics(work), one_process["metrics"]
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
     for a, b in zip(got, want):
         assert (a["tokens"], a["trained_tokens"]) == (b["tokens"], b["trained_tokens"]), "the same packs, counted once"

@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 from ports_reference import FAMILIES, write_checkpoint
-from test_distributed import _env, _has_deepspeed, _ok, _run
+from helpers import assert_ran, has_deepspeed, launch_env, run_command
 
 from packtune.distributed import free_port
 
@@ -52,12 +52,12 @@ def folders(tmp_path_factory) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
 def test_every_rank_holds_the_weights_one_process_loads(engine, folders, tmp_path):
-    if engine == "zero3" and not _has_deepspeed():
+    if engine == "zero3" and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", WORKER, str(tmp_path), engine, *folders]
-    rc, out, _ = _run(cmd, _env(str(tmp_path / "cache")))
-    _ok(rc, out, f"{engine} sharded load")
+    rc, out, _ = run_command(cmd, launch_env(str(tmp_path / "cache")))
+    assert_ran(rc, out, f"{engine} sharded load")
     streamed = {"zero3": "zero3_stream", "fsdp": "fsdp_stream"}[engine]
     for rank in (0, 1):
         report = json.loads((tmp_path / f"rank{rank}.json").read_text())

@@ -18,7 +18,7 @@ import torch
 from transformers import CONFIG_MAPPING
 
 import packtune.layers.masked as masked
-from packed_alone import compare_packed_alone, tiny
+from packed_reference import compare_packed_alone, tiny
 from packtune.attention.hf import ROUTINE_KWARGS, packtune_attention_forward
 from packtune.layers import UnsupportedLayerError
 from packtune.modeling import enable_varlen

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from packtune.cli.main import main
-from test_train_workflow import BASE, _metrics
+from helpers import TRAIN_OPTIONS, read_metrics
 
 # A "remote code" model whose attention is its own: causal SDPA over the whole row, blind to
 # attn_implementation and to packing boundaries (what baichuan-style code does).
@@ -84,7 +84,7 @@ def leaky_folder(tmp_path):
 
 
 def _options(folder: Path) -> list[str]:
-    rest = [o for o in BASE if not o.startswith("model_config")]
+    rest = [o for o in TRAIN_OPTIONS if not o.startswith("model_config")]
     return [f"pretrained_model_name_or_path={str(folder)!r}", "model_config=None", "tokenizer_name_or_path=None",
             "trust_remote_code=True", "max_steps=1", "evaluation_inputs=[]", *rest]
 
@@ -107,9 +107,9 @@ def test_the_same_model_trains_unpacked(tmp_path, leaky_folder):
 
 def _first_loss(tmp_path, name, *options):
     work = tmp_path / name
-    assert main(["train", "tiny_mistral_full_demo", "--work-dir", str(work), "--cfg-options", *BASE, "max_steps=2",
+    assert main(["train", "tiny_mistral_full_demo", "--work-dir", str(work), "--cfg-options", *TRAIN_OPTIONS, "max_steps=2",
                  "save_steps=100", *options]) == 0
-    return [r["loss"] for r in _metrics(work)], [r["grad_norm"] for r in _metrics(work)]
+    return [r["loss"] for r in read_metrics(work)], [r["grad_norm"] for r in read_metrics(work)]
 
 
 def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path):

@@ -14,23 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import TRAIN_OPTIONS, read_metrics
 from packtune.cli.main import main
-
-TINY_MODEL = (
-    "model_config={'model_type': 'mistral', 'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, "
-    "'num_attention_heads': 4, 'num_key_value_heads': 2, 'vocab_size': 32000, 'max_position_embeddings': 256}"
-)
-BASE = [
-    TINY_MODEL,
-    "max_length=128",
-    "batch_size=2",
-    "max_samples=120",
-    "log_steps=1",
-    "save_total_limit=2",
-    "evaluation_freq=1000",
-    "warmup_ratio=0.0",
-]
-
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path_factory, monkeypatch):
@@ -38,11 +23,7 @@ def _cache(tmp_path_factory, monkeypatch):
 
 
 def _train(work: Path, *options: str, config: str = "tiny_mistral_full_demo", extra: tuple = ()) -> int:
-    return main(["train", config, "--work-dir", str(work), *extra, "--cfg-options", *BASE, *options])
-
-
-def _metrics(work: Path) -> list[dict]:
-    return [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    return main(["train", config, "--work-dir", str(work), *extra, "--cfg-options", *TRAIN_OPTIONS, *options])
 
 
 def _state(path: Path) -> dict:
@@ -56,7 +37,7 @@ def test_train_convert_load_chat(tmp_path, capsys):
     assert sorted(p.name for p in work.glob("iter_*.pth")) == ["iter_2.pth", "iter_4.pth"]
     assert (work / "last_checkpoint").read_text().strip() == str((work / "iter_4.pth").resolve())
     # Logs: one line per step, the documented fields, a loss curve and TensorBoard scalars.
-    rows = _metrics(work)
+    rows = read_metrics(work)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s"} <= r.keys()
@@ -68,7 +49,7 @@ def test_train_convert_load_chat(tmp_path, capsys):
     assert evals[-1]["step"] == 4 and evals[-1]["answers"][0]["prompt"] == "What sound does a cow make?"
 
     hf = tmp_path / "hf"
-    assert main(["convert", "pth_to_hf", "tiny_mistral_full_demo", str(work / "iter_4.pth"), str(hf), "--cfg-options", *BASE]) == 0
+    assert main(["convert", "pth_to_hf", "tiny_mistral_full_demo", str(work / "iter_4.pth"), str(hf), "--cfg-options", *TRAIN_OPTIONS]) == 0
     assert (hf / "model.safetensors").exists() and (hf / "generation_config.json").exists()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,7 +62,7 @@ def test_train_convert_load_chat(tmp_path, capsys):
     assert "packtune_attn_backend" not in json.loads((hf / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(hf)
     assert len(tokenizer) == 32000 and tokenizer.chat_template
-    trained = load_base_model(load_settings("tiny_mistral_full_demo", BASE), torch.device("cpu"))
+    trained = load_base_model(load_settings("tiny_mistral_full_demo", TRAIN_OPTIONS), torch.device("cpu"))
     trained.load_state_dict(_state(work / "iter_4.pth"))
     ids = tokenizer("Repeat after me: red river stone", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -97,7 +78,7 @@ def test_lora_run_gives_adapter_or_merged_model(tmp_path):
     assert _train(work, "max_steps=2", "save_steps=2", "lora={'r': 4, 'alpha': 8}", "lr=1e-2") == 0
     adapter, merged = tmp_path / "adapter", tmp_path / "merged"
     common = ["tiny_mistral_full_demo", str(work / "iter_2.pth")]
-    opts = ["--cfg-options", *BASE, "lora={'r': 4, 'alpha': 8}"]
+    opts = ["--cfg-options", *TRAIN_OPTIONS, "lora={'r': 4, 'alpha': 8}"]
     assert main(["convert", "pth_to_hf", *common, str(adapter), *opts]) == 0
     assert main(["convert", "pth_to_hf", *common, str(merged), "--merge", *opts]) == 0
     assert (adapter / "adapter_config.json").exists() and (adapter / "base_model" / "config.json").exists()
@@ -122,7 +103,7 @@ def test_lora_run_gives_adapter_or_merged_model(tmp_path):
 
 def _spawn(work: Path, *options: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "packtune", "train", "tiny_mistral_full_demo", "--work-dir", str(work), "--cfg-options", *BASE, *options]
+    cmd = [sys.executable, "-m", "packtune", "train", "tiny_mistral_full_demo", "--work-dir", str(work), "--cfg-options", *TRAIN_OPTIONS, *options]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -145,7 +126,7 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         assert not (killed / "iter_6.pth").exists()
-        assert main(["train", "tiny_mistral_full_demo", "--work-dir", str(killed), "--resume", "auto", "--cfg-options", *BASE, *options]) == 0
+        assert main(["train", "tiny_mistral_full_demo", "--work-dir", str(killed), "--resume", "auto", "--cfg-options", *TRAIN_OPTIONS, *options]) == 0
     finally:
         torch.set_num_threads(threads)
     a, b = _state(straight / "iter_6.pth"), _state(killed / "iter_6.pth")
@@ -153,7 +134,7 @@ def test_sigkill_and_resume_ends_with_the_same_weights(tmp_path):
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     # The resumed run's log continues the interrupted one without duplicate steps.
-    assert [r["step"] for r in _metrics(killed)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_kill_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -204,7 +185,7 @@ def test_resume_at_the_last_step_repeats_nothing(tmp_path):
     saved = (work / "iter_2.pth").stat().st_mtime_ns
     assert _train(work, *options, extra=("--resume", "auto")) == 0
     assert (work / "iter_2.pth").stat().st_mtime_ns == saved
-    assert [r["step"] for r in _metrics(work)] == [1, 2]
+    assert [r["step"] for r in read_metrics(work)] == [1, 2]
     evals = [json.loads(line)["step"] for line in (work / "eval.jsonl").read_text().splitlines()]
     assert evals == [2]  # the final evaluation is redone, not appended a second time
 
@@ -239,7 +220,7 @@ def test_non_finite_loss_can_be_skipped(tmp_path, monkeypatch):
     assert _train(work, "max_steps=3", "save_steps=100", "on_nonfinite_loss='skip'") == 0
     state = _state(work / "iter_3.pth")
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
-    assert [r["step"] for r in _metrics(work)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(work)] == [1, 2, 3]
 
 
 def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
@@ -254,7 +235,7 @@ def test_config_errors_stop_before_any_model_loads(tmp_path, capsys):
 def test_fp16_loss_scale_overflow_is_skipped_not_an_error(tmp_path, monkeypatch):
     """A GradScaler (CUDA fp16) whose scale overflows skips the step; on_nonfinite_loss='error'
     must not stop the run for it. Simulated on the CPU with a scale that overflows at once."""
-    from packtune.recipe import engine_plain as engine
+    from packtune.recipe.engines import plain as engine
 
     real_init = engine.PlainEngine.__init__
 
@@ -266,7 +247,7 @@ def test_fp16_loss_scale_overflow_is_skipped_not_an_error(tmp_path, monkeypatch)
     monkeypatch.setattr(engine.PlainEngine, "__init__", with_scaler)
     work = tmp_path / "work"
     assert _train(work, "max_steps=3", "save_steps=100", "evaluation_inputs=[]") == 0
-    rows = _metrics(work)
+    rows = read_metrics(work)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert not math.isfinite(rows[0]["grad_norm"]) and math.isfinite(rows[-1]["grad_norm"])
     state = _state(work / "iter_3.pth")
@@ -285,7 +266,7 @@ def test_data_errors_are_one_line_exit_2(tmp_path, capsys):
 
 def test_missing_resume_checkpoint_is_one_line(tmp_path, capsys):
     code = main(["train", "tiny_mistral_full_demo", "--work-dir", str(tmp_path / "w"), "--resume", str(tmp_path / "nope.pth"),
-                 "--cfg-options", *BASE, "max_steps=1"])
+                 "--cfg-options", *TRAIN_OPTIONS, "max_steps=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no such checkpoint" in err[0]
 
@@ -307,7 +288,7 @@ def pretrained_folder(tmp_path):
 
 
 def _pretrained_options(folder: Path) -> list[str]:
-    rest = [o for o in BASE if not o.startswith("model_config")]
+    rest = [o for o in TRAIN_OPTIONS if not o.startswith("model_config")]
     return [f"pretrained_model_name_or_path={str(folder)!r}", "model_config=None", "tokenizer_name_or_path=None", *rest]
 
 
@@ -335,13 +316,13 @@ def test_qlora_on_cpu_is_one_clear_line(tmp_path, pretrained_folder, capsys):
 
 
 def test_resume_from_another_engines_checkpoint_is_one_line(tmp_path, capsys):
-    from packtune.recipe import sharded
+    from packtune.recipe import checkpoint_folders
 
     folder = tmp_path / "iter_2.pth"
     folder.mkdir()
-    sharded.write_info(str(folder), engine="fsdp", full_state=True, state_keys=[], trainable=[], meta={"step": 2})
+    checkpoint_folders.write_info(str(folder), engine="fsdp", full_state=True, state_keys=[], trainable=[], meta={"step": 2})
     code = main(["train", "tiny_mistral_full_demo", "--work-dir", str(tmp_path / "w"), "--resume", str(folder),
-                 "--cfg-options", *BASE, "max_steps=3"])
+                 "--cfg-options", *TRAIN_OPTIONS, "max_steps=3"])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if "Loading" not in line]
     assert code == 2 and len(err) == 1, err
     assert "written by fsdp" in err[0] and "this run uses single" in err[0]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from packtune.attention import backends
+from packtune.attention.backends import AttnCall
 from packtune.attention.varlen import AttnRequest, varlen_attn_func
 from varlen_reference import (
     dense_reference,
@@ -162,8 +163,8 @@ def _gpu_glue_case(monkeypatch, name, fake, *, causal, window=(-1, -1), kv_heads
     scale_used = dim**-0.5 if scale is None else scale
     req = AttnRequest("cuda", torch.float32, causal, window, softcap, 0.0, alibi is not None, lse, dim, v_dim,
                       kv_heads != 4, False)
-    result = backends.run(name, q, k, v, cu_q, cu_k, tuple(cu_q.tolist()), tuple(cu_k.tolist()), 7, 7,
-                          scale_used, req, alibi)
+    result = backends.run(name, AttnCall(q, k, v, cu_q, cu_k, tuple(cu_q.tolist()), tuple(cu_k.tolist()), 7, 7,
+                                         scale_used, req, alibi))
     ref, ref_lse = dense_reference(q, k, v, cu_q.tolist(), cu_k.tolist(), causal=causal, window=window,
                                    scale=scale_used, softcap=softcap, alibi=alibi)
     out = result[0] if lse else result

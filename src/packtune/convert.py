@@ -39,7 +39,7 @@ ADAPTER_NATIVE_ONLY = (
 def read_checkpoint(path: str) -> dict:
     """The model state dict of any checkpoint form packtune writes (file or engine folder)."""
     if os.path.isdir(path):
-        from packtune.recipe.sharded import read_sharded_model_state
+        from packtune.recipe.engines import read_sharded_model_state
 
         return read_sharded_model_state(path)
     state = torch.load(path, map_location="cpu", weights_only=False)

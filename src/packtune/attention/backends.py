@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib.util
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,52 @@ HALF = (torch.float16, torch.bfloat16)
 FLASH_MIN_CAPABILITY = (8, 0)
 #: The largest score block (elements) the math path materialises in one piece.
 MATH_BLOCK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class AttnRequest:
+    """Everything a backend needs to decide whether it can run a call (see ``backends.unsupported``)."""
+
+    device_type: str
+    dtype: torch.dtype
+    causal: bool
+    window: tuple[int, int]
+    softcap: float
+    dropout_p: float
+    alibi: bool
+    return_lse: bool
+    head_dim: int
+    v_head_dim: int
+    gqa: bool
+    needs_grad: bool
+    deterministic: bool = False
+    sinks: bool = False
+    device_index: int | None = None  # the CUDA device (its compute capability); None: the current one
+
+
+@dataclass(frozen=True)
+class AttnCall:
+    """One validated call of ``varlen_attn_func``, as a backend runs it (``run``).
+
+    ``cu_seqlens_q``/``cu_seqlens_k``: the boundaries on the tensors' device (the flash
+    kernels read them there); ``cu_q``/``cu_k``: the same boundaries on the host (the math
+    paths cut documents with them); ``max_q``/``max_k``: the longest document (at least 1);
+    ``alibi``: fp32 slopes on ``q``'s device; ``sinks``: per-head (or per-token) sink logits.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    cu_q: tuple[int, ...]
+    cu_k: tuple[int, ...]
+    max_q: int
+    max_k: int
+    scale: float
+    request: AttnRequest
+    alibi: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,7 +112,7 @@ def _torch_varlen():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def unsupported(name: str, req) -> str | None:
+def unsupported(name: str, req: AttnRequest) -> str | None:
     """Why backend ``name`` cannot run request ``req``, or ``None`` when it can."""
     if name == "eager":
         return None
@@ -113,7 +160,7 @@ def unsupported(name: str, req) -> str | None:
     raise ValueError(f"unknown backend {name!r}")
 
 
-def choose(req, backend: str) -> str:
+def choose(req: AttnRequest, backend: str) -> str:
     """The backend to run: the named one if it can, else the first able one in preference order."""
     if backend != "auto":
         reason = unsupported(backend, req)
@@ -130,14 +177,18 @@ def choose(req, backend: str) -> str:
     raise NotImplementedError("no attention backend supports this call: " + "; ".join(reasons))
 
 
-def run(name, q, k, v, cu_seqlens_q, cu_seqlens_k, cu_q, cu_k, max_q, max_k, scale, req, alibi, sinks=None):
+def run(name: str, call: AttnCall):
+    """``call`` through backend ``name`` (one ``choose`` picked): the output, or ``(out, lse,
+    None)`` when the request returns the log-sum-exp."""
     if name == "eager":
-        return _eager(q, k, v, cu_q, cu_k, scale, req, alibi, sinks)
+        return _eager(call.q, call.k, call.v, call.cu_q, call.cu_k, call.scale, call.request, call.alibi, call.sinks)
     if name == "sdpa":
-        return _sdpa(q, k, v, cu_q, cu_k, scale, req, alibi, sinks)
+        return _sdpa(call.q, call.k, call.v, call.cu_q, call.cu_k, call.scale, call.request, call.alibi, call.sinks)
     if name == "torch":
-        return _torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req)
-    return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi)
+        return _torch(call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_q, call.max_k, call.scale,
+                      call.request)
+    return _flash(call.q, call.k, call.v, call.cu_seqlens_q, call.cu_seqlens_k, call.max_q, call.max_k, call.scale,
+                  call.request, call.alibi)
 
 
 def _no_autocast(device: torch.device):
@@ -477,4 +528,4 @@ def _flash(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, scale, req, alibi)
     return result[..., :dv]
 
 
-__all__ = ["choose", "cuda_capability", "math_attention", "run", "sdpa_attention", "unsupported"]
+__all__ = ["AttnCall", "AttnRequest", "choose", "cuda_capability", "math_attention", "run", "sdpa_attention", "unsupported"]

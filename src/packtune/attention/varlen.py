@@ -46,28 +46,8 @@ from dataclasses import dataclass
 import torch
 
 from packtune.attention import backends as _backends
+from packtune.attention.backends import AttnCall, AttnRequest
 from packtune.config.settings import ATTN_BACKENDS as BACKENDS
-
-
-@dataclass(frozen=True)
-class AttnRequest:
-    """Everything a backend needs to decide whether it can run a call (see ``backends.unsupported``)."""
-
-    device_type: str
-    dtype: torch.dtype
-    causal: bool
-    window: tuple[int, int]
-    softcap: float
-    dropout_p: float
-    alibi: bool
-    return_lse: bool
-    head_dim: int
-    v_head_dim: int
-    gqa: bool
-    needs_grad: bool
-    deterministic: bool = False
-    sinks: bool = False
-    device_index: int | None = None  # the CUDA device (its compute capability); None: the current one
 
 
 def _as_window(window_size: tuple[int, int] | list[int] | None) -> tuple[int, int]:
@@ -282,19 +262,19 @@ def varlen_attn_func(
         device_index=q.device.index,
     )
     name = _backends.choose(request, backend)
-    return _backends.run(
-        name,
-        q,
-        k,
-        v,
-        cu_q.tensor,
-        cu_k.tensor,
-        cu_q.host,
-        cu_k.host,
-        max(int(max_seqlen_q), 1),
-        max(int(max_seqlen_k), 1),
-        scale,
-        request,
-        alibi_slopes,
+    call = AttnCall(
+        q=q,
+        k=k,
+        v=v,
+        cu_seqlens_q=cu_q.tensor,
+        cu_seqlens_k=cu_k.tensor,
+        cu_q=cu_q.host,
+        cu_k=cu_k.host,
+        max_q=max(int(max_seqlen_q), 1),
+        max_k=max(int(max_seqlen_k), 1),
+        scale=scale,
+        request=request,
+        alibi=alibi_slopes,
         sinks=sinks,
     )
+    return _backends.run(name, call)

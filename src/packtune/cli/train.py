@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         # rank's one-line error (exit 2 for a config/data/setup error, 1 otherwise).
         return run_under_torchrun(args.argv, "packtune train")
     if args.deepspeed:
-        from packtune.recipe.engine_deepspeed import resolve_deepspeed_config
+        from packtune.recipe.engines.deepspeed_config import resolve_deepspeed_config
 
         try:
             resolve_deepspeed_config(args.deepspeed)
@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
     from packtune.data import DataError
     from packtune.modeling import LeakError
-    from packtune.recipe.engine_base import CheckpointMismatch
     from packtune.errors import SetupError
+    from packtune.recipe.engines.base import CheckpointMismatch
     from packtune.recipe.train import RunOptions, train
 
     config_path = args.config if os.path.isfile(args.config) else None

@@ -9,7 +9,6 @@ raises ``ConfigError`` listing every problem with its fix. No model or data is t
 """
 
 from packtune.config.loader import (
-    CONFIG_DIR,
     apply_overrides,
     closest_configs,
     config_source,
@@ -25,7 +24,6 @@ from packtune.config.loader import (
 from packtune.config.settings import LORA_DEFAULTS, ConfigError, Problem, Settings, check_settings
 
 __all__ = [
-    "CONFIG_DIR",
     "LORA_DEFAULTS",
     "ConfigError",
     "Problem",

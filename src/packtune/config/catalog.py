@@ -6,8 +6,9 @@ as), a method of ``METHODS`` and a dataset of ``DATASETS``. Every preference ent
 ``<family>_<dpo|orpo|reward>_ultrafeedback_e1``: LoRA on a family of ``PREFERENCE_FAMILIES``, an
 objective of ``OBJECTIVES``, a dataset of ``PAIR_DATASETS``. ``render_config(name)`` writes the
 entry as the readable settings file it stands for, in XTuner's five parts; that text is what
-``packtune copy-cfg`` writes and what ``packtune train NAME`` runs. The ``tiny_*`` configs, which
-train offline on a CPU, are files in ``packtune/configs/`` (``TINY_DIR``).
+``packtune copy-cfg`` writes and what ``packtune train NAME`` runs. The ``tiny_*`` demos, which
+train offline on a CPU, are one base file (``TINY_BASE``) plus each demo's differences
+(``TINY_DEMOS``), rendered the same way.
 
 >>> "internlm_7b_full_oasst1_e3" in catalog_names()
 True
@@ -17,11 +18,11 @@ True
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import ast
+from dataclasses import dataclass, field, fields
 
-#: Where the tiny demo configs live (shipped as package data), one file each.
-TINY_DIR = Path(__file__).resolve().parent.parent / "configs"
+from packtune.config.facts import PARTS
+
 EPOCHS = 3
 
 
@@ -136,13 +137,184 @@ def _entries() -> dict[str, tuple[Family, str, str]]:
 ENTRIES: dict[str, tuple[Family, str, str]] = _entries()
 
 
+# --- the tiny demos ---------------------------------------------------------------------------
+
+#: The architecture every tiny demo shares (``TinyDemo.model`` adds ``model_type`` and changes).
+TINY_MODEL: dict[str, object] = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=32000,
+    max_position_embeddings=512,
+)
+
+#: The tiny demos' file: full training of a random-init Mistral-style model on the demo tasks.
+#: ``{title}``, ``{what}``, ``{note}``, ``{name}`` and ``{model_config}`` are filled per demo;
+#: then each setting a demo names replaces its line(s) here (``TinyDemo.settings``).
+TINY_BASE = '''"""{title}, {what} on the demo tasks{note}.
+
+Runs offline on a 2-core CPU in minutes: a randomly initialised tiny model, the bundled
+Mistral v1 tokenizer (vocab 32000) and the bundled demo dataset.
+
+    packtune train {name}
+"""
+
+{part1}
+# Model
+pretrained_model_name_or_path = None  # random init from model_config (PART 2)
+use_varlen_attn = True
+
+# Data
+dataset = 'packtune://demo_tasks.jsonl'
+dataset_format = 'alpaca'
+prompt_template = 'mistral'
+max_length = 512
+pack_to_max_length = True
+
+# Scheduler & Optimizer
+batch_size = 4
+accumulative_counts = 1
+max_steps = 200  # overrides max_epochs
+lr = 1e-3
+betas = (0.9, 0.999)
+weight_decay = 0.0
+max_norm = 1.0
+warmup_ratio = 0.05
+
+# Save
+save_steps = 100
+save_total_limit = 2
+
+# Evaluate the generation performance during the training
+evaluation_freq = 100
+system_prompt = None
+evaluation_inputs = [
+    'Repeat after me: red river stone',
+    'What sound does a cow make?',
+    'What is the opposite of hot?',
+]
+
+{part2}
+model_config = {model_config}
+tokenizer_name_or_path = 'packtune://mistral-v1'
+dtype = 'float32'  # CPU
+lora = None  # full training of the tiny model
+
+{part3}
+pack_strategy = 'bfd'
+shuffle_before_pack = True
+overflow = 'truncate'
+
+{part4}
+loss_reduction = 'token'
+
+{part5}
+log_steps = 10
+max_new_tokens = 32
+seed = 0
+'''
+
+#: What a LoRA demo changes: shorter rows, fewer steps, a higher rate, the adapters.
+TINY_LORA: dict[str, str] = {
+    "max_length": "max_length = 256",
+    "max_steps": "max_steps = 100  # overrides max_epochs",
+    "lr": "lr = 2e-3",
+    "save_steps": "save_steps = 50",
+    "evaluation_freq": "evaluation_freq = 50",
+    "lora": "# LoRA on a random-init model trains only the adapters: this exercises the LoRA path end to end.\n"
+            "lora = dict(r=8, alpha=16, dropout=0.0, target_modules='all-linear', quantization=None)",
+}
+
+
+@dataclass(frozen=True)
+class TinyDemo:
+    """One tiny demo: ``TINY_BASE`` with its differences.
+
+    ``model``: ``model_type`` and any change to ``TINY_MODEL``; ``settings``: setting name -> the
+    line(s) that replace its line(s) in the base (a setting the base lacks is added at the end of
+    its part); ``what`` and ``note`` complete the docstring's first line.
+    """
+
+    title: str
+    model: dict[str, object]
+    settings: dict[str, str] = field(default_factory=dict)
+    what: str = "full training"
+    note: str = ""
+
+
+#: Every tiny demo by name. Adding one: a row here.
+TINY_DEMOS: dict[str, TinyDemo] = {
+    "tiny_llama_full_demo": TinyDemo("Tiny Llama (random init)", {"model_type": "llama"},
+                                     {"prompt_template": "prompt_template = 'llama2_chat'"}),
+    "tiny_llama_lora_demo": TinyDemo("Tiny Llama (random init)", {"model_type": "llama"},
+                                     {"prompt_template": "prompt_template = 'llama2_chat'", **TINY_LORA}, what="LoRA"),
+    "tiny_mistral_full_demo": TinyDemo("Tiny Mistral (random init)", {"model_type": "mistral"},
+                                       note=": the `make demo` run"),
+    "tiny_mistral_lora_demo": TinyDemo("Tiny Mistral (random init)", {"model_type": "mistral"}, TINY_LORA, what="LoRA"),
+    "tiny_mistral_dpo_demo": TinyDemo(
+        "Tiny Mistral (random init)", {"model_type": "mistral"},
+        {
+            "dataset": "dataset = 'packtune://demo_pairs.jsonl'  # packtune.demo_data.build_demo_pairs",
+            "dataset_format": "dataset_format = 'preference'\nmethod = 'dpo'\ndpo_loss = 'sigmoid'\nbeta = 0.5",
+            "max_length": "max_length = 256",
+            "max_steps": "max_steps = 150  # overrides max_epochs",
+            "lr": "lr = 3e-3",
+            "save_steps": "save_steps = 150",
+            "evaluation_freq": "evaluation_freq = 150",
+        },
+        what="DPO",
+        note=" as pairs (the right answer chosen, a wrong one rejected)",
+    ),
+    "tiny_qwen3_full_demo": TinyDemo("Tiny Qwen3 (random init, q/k norms)", {"model_type": "qwen3", "head_dim": 32},
+                                     {"prompt_template": "prompt_template = 'default'"}),
+}
+
+
 def tiny_names() -> list[str]:
-    """The ``tiny_*`` config files' names."""
-    return sorted(p.stem for p in TINY_DIR.glob("tiny_*.py"))
+    """The ``tiny_*`` demos' names."""
+    return sorted(TINY_DEMOS)
+
+
+def _part_of(setting: str) -> int:
+    """The config-file part (1-5) setting ``setting`` is written in."""
+    from packtune.config.settings import Settings
+
+    for f in fields(Settings):
+        if f.name == setting:
+            return f.metadata["part"]
+    raise KeyError(f"{setting!r} is not a setting")
+
+
+def render_tiny(name: str) -> str:
+    """The settings file of tiny demo ``name``: ``TINY_BASE`` with the demo's differences."""
+    demo = TINY_DEMOS[name]
+    model = {"model_type": demo.model["model_type"], **TINY_MODEL, **demo.model}
+    model_config = "dict(\n" + "".join(f"    {k}={v!r},\n" for k, v in model.items()) + ")"
+    bars = {f"part{i}": _bar(f"PART {i}  {title}") for i, title in enumerate(PARTS, start=1)}
+    lines = TINY_BASE.format(title=demo.title, what=demo.what, note=demo.note, name=name, model_config=model_config,
+                             **bars).splitlines()
+    where = {node.targets[0].id: (node.lineno - 1, node.end_lineno)
+             for node in ast.parse("\n".join(lines)).body if isinstance(node, ast.Assign)}
+    added: dict[int, list[str]] = {}
+    for setting, text in demo.settings.items():
+        if setting not in where:
+            added.setdefault(_part_of(setting), []).extend(text.splitlines())
+    # Replace from the bottom up, so the line numbers above stay valid.
+    for start, end, setting in sorted(((*where[k], k) for k in demo.settings if k in where), reverse=True):
+        lines[start:end] = demo.settings[setting].splitlines()
+    for part in sorted(added, reverse=True):
+        if part == len(PARTS):
+            lines += added[part]
+        else:  # before the blank line that precedes the next part's bar (its title: the bar's middle line)
+            bar = lines.index(bars[f"part{part + 1}"].splitlines()[1]) - 1
+            lines[bar - 1 : bar - 1] = added[part]
+    return "\n".join(lines) + "\n"
 
 
 def catalog_names() -> list[str]:
-    """Every built-in config name, table entries and tiny files, sorted."""
+    """Every built-in config name, table entries and tiny demos, sorted."""
     return sorted([*ENTRIES, *tiny_names()])
 
 
@@ -152,13 +324,13 @@ def _bar(title: str) -> str:
 
 
 def render_config(name: str) -> str:
-    """The settings file of built-in config ``name`` (a table entry or a tiny file).
+    """The settings file of built-in config ``name`` (a table entry or a tiny demo).
 
     Raises ``KeyError`` for a name that is neither.
     """
     if name not in ENTRIES:
-        if name in tiny_names():
-            return (TINY_DIR / f"{name}.py").read_text(encoding="utf-8")
+        if name in TINY_DEMOS:
+            return render_tiny(name)
         raise KeyError(name)
     fam, method, data = ENTRIES[name]
     epochs, split, objective, prompts = EPOCHS, "train", "", EVALUATION_INPUTS

@@ -21,12 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from packtune.config import settings as S
-from packtune.config.catalog import TINY_DIR, catalog_names, render_config
+from packtune.config.catalog import catalog_names, render_config
 from packtune.config.settings import FIELD_NAMES, ConfigError, Problem, Settings, check_settings, setting_defaults
-
-#: Where the tiny built-in config files live (shipped as package data).
-CONFIG_DIR = TINY_DIR
-
 
 def list_configs(pattern: str | None = None) -> list[str]:
     """Names of the built-in configs containing ``pattern`` (case-insensitive), sorted."""

@@ -24,7 +24,7 @@ from packtune.data.formats import BAD_ROW_REASONS, FORMAT_NAMES, FORMATS, detect
 from packtune.data.options import DataOptions
 from packtune.data.report import DataReport, format_report, show_packs
 from packtune.data.templates import TEMPLATE_NAMES, TEMPLATES, Template, get_template
-from packtune.data.tokenizer import default_cache_dir, load_tokenizer, tokenizer_fingerprint, tokenizer_info
+from packtune.data.tokenizer_loader import default_cache_dir, load_tokenizer, tokenizer_fingerprint, tokenizer_info
 
 __all__ = [
     "BAD_ROW_REASONS",

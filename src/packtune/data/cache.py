@@ -36,7 +36,7 @@ import numpy as np
 
 from packtune.data.errors import DataError
 from packtune.data.sources import file_digest
-from packtune.data.tokenizer import default_cache_dir
+from packtune.data.tokenizer_loader import default_cache_dir
 
 #: Bump when the pipeline's output changes for the same inputs: old entries are then unused.
 PIPELINE_VERSION = 3

@@ -29,7 +29,7 @@ from packtune.data.report import DataReport
 from packtune.data.sources import LocalFile, Part, entry_name, iter_batches, resolve
 from packtune.data.templates import Template, check_template_name, get_template
 from packtune.data.tokenize import Encoder, tokenize_batches
-from packtune.data.tokenizer import tokenizer_fingerprint, tokenizer_info
+from packtune.data.tokenizer_loader import tokenizer_fingerprint, tokenizer_info
 from packtune.packing.chunks import sample_lengths
 from packtune.packing.packs import OVERFLOW, PackLayout, TokenizedSamples, get_pack, layout_packs
 

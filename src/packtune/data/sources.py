@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from packtune.data.errors import DataError
-from packtune.data.tokenizer import BUNDLED_SCHEME
+from packtune.data.tokenizer_loader import BUNDLED_SCHEME
 LOCAL_KINDS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet", ".txt": "txt"}
 DETECT_ROWS = 100
 MAX_ELEMENT = 64 << 20  # largest element of a JSON array file, in characters

@@ -13,7 +13,7 @@ batches in flight at a time so memory stays bounded. Each batch's arrays are app
 (ids, labels, offsets) mapped from those files, never a list of lists nor one concatenation
 in memory, so a billion tokens are tokenized in the memory of a few batches.
 
->>> from packtune.data.tokenizer import load_tokenizer      # doctest: +SKIP
+>>> from packtune.data.tokenizer_loader import load_tokenizer      # doctest: +SKIP
 >>> tok = load_tokenizer("packtune://mistral-v1")           # doctest: +SKIP
 >>> segments = [("<s>[INST] Hi [/INST]", False), (" Yo</s>", True)]  # doctest: +SKIP
 >>> ids, labels, lengths = encode_segments(tok, [segments])  # doctest: +SKIP
@@ -45,7 +45,7 @@ from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.sources import RawBatch, parse_json_line
 from packtune.data.templates import Segment, Template
-from packtune.data.tokenizer import _backend
+from packtune.data.tokenizer_loader import _backend
 from packtune.data.turns import ReplyNotFound, ReplyNotRendered
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 

@@ -16,7 +16,7 @@ Example: packs ``[a a a | b b]`` and ``[c c c c]`` become::
 ``pad_to_multiple_of`` appends padding as a document of its own (labels ``-100``), so it can
 never be attended to by, or train, a real token; ``Batch.padding`` counts it (it is not a
 real token). Sequence parallelism pads each row this way to a multiple of
-``sequence_parallel_size`` and cuts it into shards (``packtune.parallel.shard``).
+``sequence_parallel_size`` and cuts it into shards (``packtune.parallel.sequence_shards``).
 
 ``collate_padded`` is the classic layout for models that cannot take varlen rows: one sample
 per row, right-padded, with a 2-D ``attention_mask``.

@@ -1,7 +1,7 @@
 """Sequence parallelism (Ulysses) over packed varlen rows.
 
 * ``groups``: the data-parallel x sequence-parallel layout of the ranks (torch ``DeviceMesh``).
-* ``shard``: one packed row cut into ``sequence_parallel_size`` contiguous shards.
+* ``sequence_shards``: one packed row cut into ``sequence_parallel_size`` contiguous shards.
 * ``ulysses``: the all-to-alls around ``varlen_attn_func`` (seq-sharded <-> head-sharded).
 * ``limits``: the models that cannot be split this way, refused in one line.
 

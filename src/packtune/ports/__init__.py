@@ -5,5 +5,6 @@ qwen2, or packtune's own ``baichuan_alibi``) with converted weights, runs with
 ``"packtune_varlen"`` like every other family, and saves back in its original layout:
 ``packtune.load_model`` / ``packtune.save_model`` (``packtune.ports.api``). Which family a
 ``config.json`` is: ``packtune.ports.detect``; each family's config and tensor map: one module
-each (``internlm``, ``internlm2``, ``baichuan``, ``chatglm``, ``qwen``).
+each (``internlm``, ``internlm2``, ``baichuan``, ``chatglm``, ``qwen``); their tokenizers, built
+from the checkpoint's data files without its remote code: ``family_tokenizers``.
 """

@@ -144,7 +144,7 @@ def build_model(settings: Settings, device: torch.device, dtype: torch.dtype, *,
 
     Full fine-tuning keeps fp32 master weights (autocast computes in ``dtype``); a LoRA run
     keeps the frozen base in ``dtype`` and its adapters in fp32. ``base``: a base model built
-    elsewhere (a sharded construction's skeleton, see ``sharded_init``) instead of loading it;
+    elsewhere (a sharded construction's skeleton, see ``engines.construction``) instead of loading it;
     ``leak_check=False`` leaves the leak check to the caller (once the engine holds the model).
     A ``base`` is not moved to ``device``: the engine that shards it places the shards.
     """

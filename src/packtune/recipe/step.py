@@ -21,7 +21,7 @@ from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch
 from packtune.packing.packs import IGNORE_INDEX
 from packtune.parallel.groups import SequenceParallel
-from packtune.parallel.shard import shard_micro_batch
+from packtune.parallel.sequence_shards import shard_micro_batch
 
 
 @dataclass

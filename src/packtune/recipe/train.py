@@ -28,20 +28,18 @@ from packtune import __version__
 from packtune.config import settings_to_dict
 from packtune.config.settings import Settings
 from packtune.data import DataError, DataOptions, load_tokenizer
-from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank, peak_memory
-from packtune.modeling import check_no_leak
+from packtune.distributed import DistEnv, cleanup, init_distributed, on_main_rank
 from packtune.packing.collate import collate_padded, collate_varlen
 from packtune.parallel.groups import SequenceParallel, SequenceParallelError, init_sequence_parallel
 from packtune.parallel.limits import check_splittable
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.batches import StepPlan, data_parallel_size, empty_pack, keep_global_batch, processes
-from packtune.recipe.engine_base import CheckpointMismatch
-from packtune.recipe.engines import engine_kind, make_engine
+from packtune.recipe.step_plan import StepPlan, data_parallel_size, empty_pack, keep_global_batch, processes
+from packtune.recipe.engines import ENGINES, engine_kind, model_construction
+from packtune.recipe.engines.base import CheckpointMismatch
 from packtune.recipe.evaluate import evaluate
 from packtune.recipe.metrics import MetricsLogger
 from packtune.errors import SetupError
 from packtune.recipe.model_setup import build_model, compute_dtype, model_source
-from packtune.recipe.sharded_init import model_construction
 from packtune.recipe.step import accumulate_gradients
 
 log = logging.getLogger("packtune")
@@ -257,12 +255,10 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
     if resume:
         settings = _keep_global_batch(settings, resumed, resume, dp_size)
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
+    # The engine's construction says how the model is built and where its leak check runs.
     construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
-    model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.leak_check == "build")
-    if construction.leak_check == "partitioned":  # ZeRO-3: loaded now; the engine adds only the optimizer
-        log.info("model built and loaded (%s): %s", construction.how, peak_memory(env))
-        if settings.use_varlen_attn:
-            construction.check_partitioned(model, dtype, settings.max_length)
+    model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.check_in_build)
+    construction.built(model, settings, env, dtype)
     _check_splittable(settings, env, model)
     # DPO's frozen reference: the starting weights, copied before an engine wraps or shards them.
     frozen = (copy.deepcopy(model) if settings.method == "dpo" and not settings.lora and settings.ref_model is None
@@ -276,12 +272,8 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
         settings.max_steps,
         balance=settings.balance_attention,
     )
-    engine = make_engine(kind, model, env, settings, plan.total_steps, dtype, construction.deepspeed_config or opts.deepspeed,
-                         resume=resume, weights=construction.weights)
-    log.info("%s (%s): %s", "engine ready" if construction.leak_check == "partitioned" else "model built and loaded",
-             construction.how, peak_memory(env))
-    if settings.use_varlen_attn and construction.leak_check == "engine":
-        check_no_leak(engine.unwrapped(), dtype=dtype, max_length=settings.max_length)  # the engine's forward gathers the sharded parameters
+    engine = ENGINES[kind].create(model, env, settings, plan.total_steps, dtype, construction, resume=resume)
+    construction.ready(engine, settings, env, dtype)
     start = 0
     if resume:
         meta = engine.load(resume)

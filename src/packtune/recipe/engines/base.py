@@ -1,12 +1,8 @@
-"""What every engine shares: the optimizer, the schedule, clipping, and the ``Engine`` base class.
+"""What every engine shares: the optimizer, the schedule, clipping, and the ``BaseEngine`` class.
 
-Every engine offers the same few operations the recipe uses: ``model`` (call forward on it),
-``accumulate(last)``, ``backward(loss)``, ``step()`` (clip, update, schedule; returns the
-gradient norm), ``all_reduce_sum``, ``lr``, ``save(path)``/``load(path)`` and
-``unwrapped()``, and ``loss_scaling`` (fp16 dynamic loss scaling: a step with a non-finite
-gradient norm is an overflow the engine has already skipped). The engines themselves live in
-``engine_plain.py`` (one process, DDP), ``engine_fsdp.py`` and ``engine_deepspeed.py``;
-``engines.make_engine`` picks one. Modules import downward only: base <- engines <- make_engine.
+The operations the recipe uses are the ``Engine`` protocol (``packtune.recipe.engines``); the
+engines themselves live in ``plain.py`` (one process, DDP), ``fsdp.py`` and ``deepspeed.py``,
+and ``ENGINES`` names them. Modules import downward only: base <- each engine <- ``ENGINES``.
 """
 
 from __future__ import annotations
@@ -17,7 +13,10 @@ import os
 import torch
 import torch.distributed as dist
 
-from packtune.recipe import sharded
+from packtune.config.settings import Settings
+from packtune.distributed import DistEnv
+from packtune.recipe.checkpoint import read_info
+from packtune.recipe.engines.construction import Construction, whole_model
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float):
@@ -131,11 +130,29 @@ def grad_scaler(compute_dtype: torch.dtype, device: torch.device):
     return None
 
 
-class Engine:
+class BaseEngine:
     """What every engine shares. Subclasses set ``env``, ``model``, ``optimizer`` and
-    ``scheduler`` and implement ``accumulate``, ``backward``, ``step``, ``save`` and ``load``."""
+    ``scheduler`` and implement ``accumulate``, ``backward``, ``step``, ``save`` and ``load``;
+    an engine that builds its model otherwise than whole on every rank, or writes checkpoint
+    folders, overrides ``construction``, ``create`` and ``read_folder``."""
 
     name = "base"
+
+    @classmethod
+    def construction(cls, settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed: str | dict | None = None):
+        """How the model is built and where its leak check runs: the whole model on every rank."""
+        return whole_model(settings, env, dtype, deepspeed)
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, env: DistEnv, settings: Settings, total_steps: int,
+               compute_dtype: torch.dtype, construction: Construction, resume: str | None = None) -> BaseEngine:
+        """The engine for ``model``, built as ``construction`` says."""
+        return cls(model, env, settings, total_steps, compute_dtype)
+
+    @staticmethod
+    def read_folder(folder: str, info: dict) -> dict | None:
+        """The model state of a checkpoint folder this engine writes (``None``: none it writes)."""
+        return None
     #: Whether a non-finite gradient norm can be a loss-scale overflow (fp16), which the
     #: engine skips on its own, rather than a real divergence.
     loss_scaling = False
@@ -200,7 +217,7 @@ def not_my_checkpoint(path: str, engine: str) -> CheckpointMismatch:
     """The error for resuming ``engine`` from a checkpoint written by another engine."""
     writer = "one process or DDP (a file)"
     if os.path.isdir(path):
-        writer = sharded.read_info(path).get("engine") or "an unknown engine (a folder)"
+        writer = read_info(path).get("engine") or "an unknown engine (a folder)"
     return CheckpointMismatch(
         f"{path} was written by {writer}, and this run uses {engine}: resume with the engine "
         "that wrote it (on any number of processes), or convert it (packtune convert pth_to_hf) and start from that"

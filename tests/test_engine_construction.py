@@ -58,7 +58,7 @@ def _resident_mb() -> float:
 def test_skeleton_takes_no_resident_memory():
     from transformers import AutoModelForCausalLM
 
-    from packtune.recipe.sharded_init import skeleton
+    from packtune.recipe.engines.construction import skeleton
 
     config = _llama(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
                     num_key_value_heads=16, vocab_size=32000, tie_word_embeddings=True)
@@ -79,18 +79,18 @@ def test_checkpoints_that_cannot_stream_say_why(folder, tmp_path, caplog):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from packtune.recipe.sharded_init import _stream_source
+    from packtune.recipe.engines.construction import stream_source
 
     env = DistEnv()
     caplog.set_level(logging.INFO, logger="packtune")
-    files = _stream_source(_settings(folder), env, "FSDP2", "whole")
+    files = stream_source(_settings(folder), env, "FSDP2", "whole")
     assert files is not None and len({s.path for s in files.values()}) > 2 and "model.embed_tokens.weight" in files
 
     bin_folder = tmp_path / "bin"  # weights as pytorch_model.bin (transformers 5 writes only safetensors)
     model = AutoModelForCausalLM.from_pretrained(folder)
     model.config.save_pretrained(bin_folder)
     torch.save(model.state_dict(), bin_folder / "pytorch_model.bin")
-    assert _stream_source(_settings(str(bin_folder)), env, "FSDP2", "whole") is None
+    assert stream_source(_settings(str(bin_folder)), env, "FSDP2", "whole") is None
     assert "not in safetensors files" in caplog.text
 
     renamed = tmp_path / "renamed"
@@ -98,12 +98,12 @@ def test_checkpoints_that_cannot_stream_say_why(folder, tmp_path, caplog):
     state = load_file(renamed / "model.safetensors")
     state["model.norm.gamma"] = state.pop("model.norm.weight")
     save_file(state, renamed / "model.safetensors", metadata={"format": "pt"})
-    assert _stream_source(_settings(str(renamed)), env, "FSDP2", "whole") is None
+    assert stream_source(_settings(str(renamed)), env, "FSDP2", "whole") is None
     assert "names its tensors differently (no model.norm.weight)" in caplog.text
 
     from packtune.config import load_settings
 
-    assert _stream_source(load_settings(CONFIG, []), env, "FSDP2", "whole") is None
+    assert stream_source(load_settings(CONFIG, []), env, "FSDP2", "whole") is None
     assert "random-init model has no checkpoint" in caplog.text
 
 
@@ -122,9 +122,10 @@ def test_fsdp_streamed_weights_equal_a_plain_load(folder, group_of_one, lora):
     """Skeleton + LoRA + fully_shard + streamed weights == from_pretrained + LoRA, tensor for
     tensor (the adapters' seeded init included), and the leak check passes through the engine."""
     from packtune.modeling import check_no_leak
-    from packtune.recipe.engine_fsdp import FSDPEngine
+    from packtune.recipe.engines.construction import StreamedWeights, hf_config, skeleton
+    from packtune.recipe.engines.fsdp import FSDPEngine
     from packtune.recipe.model_setup import base_dtype, build_model
-    from packtune.recipe.sharded_init import StreamedWeights, checkpoint_sources, hf_config, skeleton
+    from packtune.recipe.sharded_read import checkpoint_sources
 
     settings = _settings(folder, *(["lora={'r': 4}"] if lora else []), "gradient_checkpointing=True")
     env = group_of_one
@@ -182,7 +183,7 @@ def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
 def test_fsdp_units_for_untied_embeddings_only():
     from transformers import AutoModelForCausalLM
 
-    from packtune.recipe.engine_fsdp import embedding_units
+    from packtune.recipe.engines.fsdp import embedding_units
 
     untied = AutoModelForCausalLM.from_config(_llama())
     assert embedding_units(untied) == [untied.model.embed_tokens, untied.lm_head]

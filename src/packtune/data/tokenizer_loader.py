@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from packtune.data.errors import DataError
-from packtune.data.family_tokenizers import family_of, load_family_tokenizer, read_tokenizer_config
 
 BUNDLED_SCHEME = "packtune://"
 #: Tokenizers available as ``packtune://NAME``: the file inside the ``mistral_common`` package.
@@ -79,9 +78,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, cache_dir
     once into ``cache_dir``, default ``$PACKTUNE_CACHE`` or ``~/.cache/packtune``). A folder or
     hub id whose ``tokenizer_config.json`` names the remote-code tokenizer of InternLM,
     InternLM2, Baichuan, ChatGLM2/3 or Qwen-1 is loaded from its data files without that code
-    (``packtune.data.family_tokenizers``). The pad token falls back to EOS, then UNK.
+    (``packtune.ports.family_tokenizers``). The pad token falls back to EOS, then UNK.
     """
     from transformers import AutoTokenizer
+
+    from packtune.ports.family_tokenizers import family_of, load_family_tokenizer, read_tokenizer_config
 
     path: str | Path = name_or_path
     family = None

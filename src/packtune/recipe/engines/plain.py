@@ -1,4 +1,8 @@
-"""One process (``PlainEngine``) and PyTorch DDP (``DDPEngine``)."""
+"""One process (``PlainEngine``) and PyTorch DDP (``DDPEngine``).
+
+Both hold the whole model on every rank, built and leak-checked by ``build_model``
+(``BaseEngine.construction``), and write a checkpoint as one file from the main rank.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,10 @@ import torch
 from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe import checkpoint as ckpt
-from packtune.recipe.engine_base import Engine, build_optimizer, grad_scaler, lr_lambda, not_my_checkpoint
+from packtune.recipe.engines.base import BaseEngine, build_optimizer, grad_scaler, lr_lambda, not_my_checkpoint
 
 
-class PlainEngine(Engine):
+class PlainEngine(BaseEngine):
     """One process: AdamW, warmup + cosine, clipping, fp16 loss scaling on CUDA."""
 
     name = "single"

@@ -133,7 +133,7 @@ def run_packed(pairs, steps: int, max_length: int, vocab: int) -> dict:
     from packtune.preference.data import PairDataset, layout_pairs
     from packtune.preference.objective import Objective
     from packtune.preference.step import accumulate_preference, collate_pairs, sequence_scores
-    from packtune.recipe.engine_plain import PlainEngine
+    from packtune.recipe.engines.plain import PlainEngine
 
     seqs = []
     for p, c, r in pairs:
@@ -178,7 +178,7 @@ def memory_child(kind: str, tokens: int, vocab: int) -> dict:
     from packtune.preference.data import PairDataset, layout_pairs
     from packtune.preference.objective import Objective
     from packtune.preference.step import accumulate_preference, collate_pairs, sequence_scores
-    from packtune.recipe.engine_plain import PlainEngine
+    from packtune.recipe.engines.plain import PlainEngine
 
     chunk = LOSS_CHUNK_SIZE if kind == "chunked" else None
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from test_distributed import _env, _ok, _run
+from helpers import assert_ran, launch_env, run_command
 
 from packtune.cli.main import main
 
@@ -40,8 +40,8 @@ print(json.dumps({"rewards": rewards, "packtune_loaded": any(m.split(".")[0] == 
 
 def _train(work: str, options: list[str], cache: str) -> str:
     cmd = [sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, "--cfg-options", *options]
-    rc, out, _ = _run(cmd, _env(cache))
-    _ok(rc, out, "packtune train")
+    rc, out, _ = run_command(cmd, launch_env(cache))
+    assert_ran(rc, out, "packtune train")
     return os.path.join(work, "iter_2.pth")
 
 

@@ -25,7 +25,7 @@ from packtune.preference.objective import Objective
 from packtune.preference.step import collate_pairs, sequence_scores
 from packtune.errors import SetupError
 from packtune.recipe.model_setup import apply_lora
-from test_preference_exact import _dataset, _engine, _model, _pairs, packed_step, plain_step
+from preference_reference import packed_step, pair_dataset, plain_engine, plain_step, random_pairs, tiny_model
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 DPO = Objective("dpo", "sigmoid", beta=0.3)
@@ -38,7 +38,7 @@ def _settings(**kw):
 
 
 def test_lora_reference_is_the_base_with_the_adapter_disabled():
-    packed_base, padded_base = _model(AutoModelForCausalLM, "packtune_varlen", 0), _model(AutoModelForCausalLM, "sdpa", 0)
+    packed_base, padded_base = tiny_model(AutoModelForCausalLM, "packtune_varlen", 0), tiny_model(AutoModelForCausalLM, "sdpa", 0)
     padded_base.load_state_dict(packed_base.state_dict())
     reference_copy = copy.deepcopy(padded_base).eval()  # the plain reference: a separate copy of the base
     packed, padded = apply_lora(packed_base, LORA), apply_lora(padded_base, LORA)
@@ -48,10 +48,10 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled():
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     padded.load_state_dict(packed.state_dict())
-    samples, margins = _pairs(seed=11)
+    samples, margins = random_pairs(seed=11)
     want_loss, want_grads, want_acc = plain_step(DPO, padded, reference_copy, samples, margins)
-    reference = make_reference(_settings(lora=LORA), _engine(packed), None, None, torch.device("cpu"), torch.float32, build_model=None)
-    dataset = _dataset(samples, margins, 32)
+    reference = make_reference(_settings(lora=LORA), plain_engine(packed), None, None, torch.device("cpu"), torch.float32, build_model=None)
+    dataset = pair_dataset(samples, margins, 32)
     result, grads = packed_step(DPO, packed, None, dataset, 2, -(-len(dataset) // 2), 5, reference=reference)
     assert result.loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
     assert torch.allclose(grads, want_grads, rtol=1e-5, atol=1e-6), float((grads - want_grads).abs().max())
@@ -61,17 +61,17 @@ def test_lora_reference_is_the_base_with_the_adapter_disabled():
 
 
 def test_precomputed_reference_gives_the_same_step():
-    policy = _model(AutoModelForCausalLM, "packtune_varlen", 0)
-    ref = _model(AutoModelForCausalLM, "packtune_varlen", 1).eval()
-    samples, margins = _pairs(seed=12)
+    policy = tiny_model(AutoModelForCausalLM, "packtune_varlen", 0)
+    ref = tiny_model(AutoModelForCausalLM, "packtune_varlen", 1).eval()
+    samples, margins = random_pairs(seed=12)
 
     def reference(mb, layout):
         with torch.no_grad():
             return sequence_scores(ref, mb, layout, DPO, torch.float32, 5, None)
 
-    live = _dataset(samples, margins, 40)
+    live = pair_dataset(samples, margins, 40)
     want, want_grads = packed_step(DPO, policy, None, live, 2, -(-len(live) // 2), 5, reference=reference)
-    cached = _dataset(samples, margins, 40, seed=1)  # packed in another order: the cache is per pair
+    cached = pair_dataset(samples, margins, 40, seed=1)  # packed in another order: the cache is per pair
     precompute_reference(cached, reference, lambda packs: collate_pairs(packs), torch.device("cpu"))
     assert cached.ref_logps.shape == (2 * margins.size,) and np.isfinite(cached.ref_logps).all()
 

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from test_distributed import _env, _has_deepspeed, _metrics, _ok, _run
+from helpers import assert_ran, has_deepspeed, launch_env, read_metrics, run_command
 
 CONFIG = "tiny_mistral_dpo_demo"
 KEYS = ("loss", "grad_norm", "lr", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -53,9 +53,9 @@ def _options(folder: str, *extra: str) -> list[str]:
 
 def _train(work: str, options: list[str], engine: list[str] = (), nproc: int | None = None, cache: str = "") -> list[dict]:
     cmd = [sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *engine, "--cfg-options", *options]
-    rc, out, _ = _run(cmd, _env(cache, **({"NPROC_PER_NODE": str(nproc)} if nproc else {})))
-    _ok(rc, out, " ".join(cmd[3:]))
-    return _metrics(work)
+    rc, out, _ = run_command(cmd, launch_env(cache, **({"NPROC_PER_NODE": str(nproc)} if nproc else {})))
+    assert_ran(rc, out, " ".join(cmd[3:]))
+    return read_metrics(work)
 
 
 def _same(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
@@ -97,7 +97,7 @@ ENGINES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", list(ENGINES))
 def test_two_processes_match_one(engine, baseline, folder, cache, tmp_path, monkeypatch):
-    if engine.startswith("zero") and not _has_deepspeed():
+    if engine.startswith("zero") and not has_deepspeed():
         pytest.skip("DeepSpeed is not installed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     args, extra = ENGINES[engine]

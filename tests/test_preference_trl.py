@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from packtune.data import load_tokenizer
 from packtune.packing.packs import IGNORE_INDEX, TokenizedSamples
 from packtune.preference.objective import Objective
-from test_preference_exact import _dataset, packed_step
+from preference_reference import packed_step, pair_dataset
 
 trl = pytest.importorskip("trl")
 
@@ -40,7 +40,7 @@ def tokenizer():
     return load_tokenizer("packtune://mistral-v1")
 
 
-def _config(tokenizer):
+def tiny_config(tokenizer):
     from transformers import AutoConfig
 
     return AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -51,8 +51,8 @@ def _config(tokenizer):
 def _twins(cls, tokenizer, seed: int):
     """The same weights as an sdpa model (TRL's) and a packtune_varlen model (packtune's)."""
     torch.manual_seed(seed)
-    trl_model = cls.from_config(copy.deepcopy(_config(tokenizer)), attn_implementation="sdpa")
-    packed = cls.from_config(copy.deepcopy(_config(tokenizer)), attn_implementation="packtune_varlen")
+    trl_model = cls.from_config(copy.deepcopy(tiny_config(tokenizer)), attn_implementation="sdpa")
+    packed = cls.from_config(copy.deepcopy(tiny_config(tokenizer)), attn_implementation="packtune_varlen")
     packed.load_state_dict(trl_model.state_dict())
     return trl_model, packed
 
@@ -91,7 +91,7 @@ def _samples(pairs: list[tuple[list[int], list[int], list[int], list[int]]]) -> 
 def _packtune(objective, policy, ref, samples, margins):
     """packtune's step: the pairs packed into rows of the longest pair, two packs per micro-batch."""
     lengths = np.diff(samples.offsets).reshape(-1, 2).sum(1)
-    dataset = _dataset(samples, np.asarray(margins, np.float64), int(lengths.max()))
+    dataset = pair_dataset(samples, np.asarray(margins, np.float64), int(lengths.max()))
     assert len(dataset) > 2  # several micro-batches: the normalisation is global, not per micro-batch
     accumulation = -(-len(dataset) // 2)
     result, grads = packed_step(objective, policy, ref, dataset, 2, accumulation, 7)

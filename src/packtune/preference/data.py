@@ -36,7 +36,7 @@ from packtune.data.report import DataReport
 from packtune.data.sources import entry_name, iter_batches, parse_json_line, resolve
 from packtune.data.templates import Segment, Template, get_template, tidy
 from packtune.data.tokenize import _fast_backend, encode_segments
-from packtune.data.tokenizer import tokenizer_info
+from packtune.data.tokenizer_loader import tokenizer_info
 from packtune.data.turns import ReplyNotFound
 from packtune.packing.chunks import IGNORE_INDEX
 from packtune.packing.packs import PackLayout, TokenizedSamples

@@ -56,8 +56,7 @@ def load_reward_model(settings, dtype: torch.dtype, load_causal) -> torch.nn.Mod
         model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
     if causal is not None:
         prefix = causal.base_model_prefix
-        missing = model.base_model.load_state_dict(getattr(causal, prefix).state_dict(), strict=True)
-        del missing
+        model.base_model.load_state_dict(getattr(causal, prefix).state_dict(), strict=True)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) if isinstance(
             getattr(model.config, "eos_token_id", None), int) else None

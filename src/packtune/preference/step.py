@@ -42,7 +42,7 @@ from packtune.modeling import autocast_context, transformers_model
 from packtune.packing.collate import Batch, collate_varlen
 from packtune.packing.packs import IGNORE_INDEX
 from packtune.parallel.groups import SequenceParallel
-from packtune.parallel.shard import shard_micro_batch
+from packtune.parallel.sequence_shards import shard_micro_batch
 from packtune.preference.objective import METRIC_SUMS, Objective, metric_sums, pair_losses, pair_metrics
 
 

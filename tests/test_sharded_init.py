@@ -11,6 +11,7 @@ one process, with LoRA and gradient checkpointing) are in ``test_elastic_resume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -164,18 +165,24 @@ def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
     rows = torch.tensor([5, 6, 0, 1, 3])  # a fused part: runs of original rows
     cases = [(Source(path, k, tuple(t.shape)), t) for k, t in tensors.items()]
     cases.append((Source(path, "w", (7, 13), rows), tensors["w"][rows]))
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:  # a fused part is read run by run, never joined into one block
+        pieces = [(first, piece.clone()) for first, piece in cases[-1][0].pieces(f, 0, 5)]
+    assert [(first, len(piece)) for first, piece in pieces] == [(0, 2), (2, 2), (4, 1)]
+    assert torch.equal(torch.cat([piece for _, piece in pieces]), tensors["w"][rows])
     for source, tensor in cases:
-        for world in (1, 2, 3, 4):
+        for world, block in itertools.product((1, 2, 3, 4), (3 * 4, 2 * 13 * 4, 1 << 20)):  # a few rows per block, or all
             size = -(-tensor.numel() // world)
             parts = []
             for rank in range(world):
                 monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None, r=rank: r)
                 param = SimpleNamespace(ds_tensor=torch.full((size,), -1.0), ds_numel=tensor.numel(), ds_shape=tensor.shape,
                                         ds_process_group=None)
-                read_partition(param, source, block_bytes=3 * 4)  # blocks of a few rows
+                read_partition(param, source, block_bytes=block)
                 parts.append(param.ds_tensor)
             flat = torch.cat(parts)
-            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (source.key, world)
+            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (source.key, world, block)
             assert not flat[tensor.numel():].any(), "the padding is zero"
 
 

@@ -195,3 +195,29 @@ def test_fsdp_units_for_untied_embeddings_only():
     assert embedding_units(untied) == [untied.model.embed_tokens, untied.lm_head]
     tied = AutoModelForCausalLM.from_config(_llama(tie_word_embeddings=True))
     assert embedding_units(tied) == [], "tied weights stay in one unit"
+
+
+def test_a_ported_hub_id_streams_from_its_download(tmp_path, monkeypatch, group_of_one):
+    """A ported family given as a hub id streams from its download, as a native hub id does
+    (here found offline in a Hugging Face cache folder): the snapshot's safetensors, under the
+    native class's names (``wqkv`` sliced), the snapshot as the record's source (its code and
+    tokenizer files are what ``save_model(format="original")`` copies). An id that cannot be
+    fetched is left to the whole load, which says why."""
+    import huggingface_hub.constants as hub
+    from ports_reference import write_hub_cache
+
+    from packtune.ports.detect import META
+    from packtune.recipe.sharded_init import model_construction, ported_hub_folder
+
+    snapshot = write_hub_cache(tmp_path, "packtune-test/tiny-internlm2", "internlm2")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    settings = _settings("packtune-test/tiny-internlm2")
+    with model_construction("fsdp", settings, group_of_one, torch.float32) as construction:
+        assert construction.how == "fsdp_stream"
+        sources = construction.weights.sources
+        assert {os.path.dirname(s.path) for s in sources.values()} == {snapshot}
+        assert sources["model.layers.0.self_attn.k_proj.weight"].key == "model.layers.0.attention.wqkv.weight"
+        assert sources["model.layers.0.self_attn.k_proj.weight"].rows is not None
+        assert getattr(construction.base.config, META)["source"] == snapshot
+    assert ported_hub_folder(_settings("packtune-test/not-in-the-cache"), group_of_one) is None

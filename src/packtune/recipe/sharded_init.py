@@ -20,9 +20,9 @@ varlen, gradient checkpointing, LoRA):
   them to the device), and ``StreamedWeights.load_into`` fills them: each rank reads the rows
   of its own shards from the files; nothing is broadcast.
 
-A ported family (InternLM 1/2, Baichuan, ChatGLM2/3, Qwen-1) in its original layout is built
-as its native class (``packtune.ports``); its fused tensors are sliced at read time
-(``sharded_read``). A model that cannot stream (random init under FSDP2, QLoRA, remote code,
+A ported family (InternLM 1/2, Baichuan, ChatGLM2/3, Qwen-1) in its original layout, a local
+folder or a hub id (downloaded as a native one is: ``ported_hub_folder``), is built as its
+native class (``packtune.ports``); its fused tensors are sliced at read time (``sharded_read``). A model that cannot stream (random init under FSDP2, QLoRA, remote code,
 weights not in safetensors, checkpoint names the model does not have) is built as before
 (whole on every rank under FSDP2; by transformers under ZeRO-3), and the log says why. The
 varlen leak check (``check_no_leak``) runs on the loaded weights, never on empty or partitioned
@@ -42,9 +42,9 @@ import torch
 from packtune.config.settings import Settings
 from packtune.distributed import DistEnv
 from packtune.recipe.model_setup import base_dtype
-from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_sources
+from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_files, checkpoint_sources
 
-__all__ = ["Construction", "StreamedWeights", "hf_config", "model_construction", "skeleton"]
+__all__ = ["Construction", "StreamedWeights", "hf_config", "model_construction", "ported_hub_folder", "skeleton"]
 
 log = logging.getLogger("packtune")
 
@@ -194,10 +194,11 @@ def gathered_while_running(model: torch.nn.Module):
 
 
 
-def hf_config(settings: Settings):
+def hf_config(settings: Settings, folder: str | None = None):
     """The transformers config of the model to train, without building it (``None`` when it
     cannot be read without remote code). For a ported family's checkpoint in its original
-    layout (a local folder): its native config, as ``packtune.load_model`` builds it."""
+    layout: its native config, as ``packtune.load_model`` builds it. ``folder``: the local
+    copy of a hub id (``ported_hub_folder``), read instead of the id."""
     from transformers import AutoConfig
 
     from packtune.ports import api as ports
@@ -207,11 +208,11 @@ def hf_config(settings: Settings):
             import copy
 
             return AutoConfig.for_model(**copy.deepcopy(settings.model_config))
-        original = ports.original_layout(settings.pretrained_model_name_or_path)
+        folder = str(folder or settings.pretrained_model_name_or_path)
+        original = ports.original_layout(folder)
         if original is not None:
             from packtune.ports.files import weight_files
 
-            folder = str(settings.pretrained_model_name_or_path)
             return ports.native_config(original[1], original[0], folder, weight_files(folder)[0])
         return AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError):
@@ -221,14 +222,20 @@ def hf_config(settings: Settings):
 def _deepspeed_construction(settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> Construction:
     from packtune.recipe.engine_deepspeed import prepare_deepspeed, run_config, zero_stage
 
-    config = hf_config(settings)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    filled = run_config(deepspeed, settings, env.world_size, dtype, getattr(text, "hidden_size", None))
+    def config_of(folder: str | None):
+        config = hf_config(settings, folder)
+        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        return config, run_config(deepspeed, settings, env.world_size, dtype, getattr(text, "hidden_size", None))
+
+    config, filled = config_of(None)
     if zero_stage(filled) != 3 or (settings.lora or {}).get("quantization"):
         return Construction("whole", deepspeed_config=filled)
+    folder = ported_hub_folder(settings, env)  # ZeRO-3 only: the download is what it streams from
+    if folder is not None:
+        config, filled = config_of(folder)
     # Before transformers' ZeRO-3 switch is on: it would build these under zero.Init.
     sources = _stream_source(settings, env, "ZeRO-3", "transformers loads it (the main rank holds the whole checkpoint while "
-                             "it does; a ported family: every rank reads it whole)", config)
+                             "it does; a ported family: every rank reads it whole)", config, folder)
     base = skeleton(config, base_dtype(settings, dtype)) if sources is not None else None
     prepare_deepspeed(env)  # zero.Init partitions over the process group: it must exist first
     import deepspeed
@@ -252,8 +259,9 @@ def _deepspeed_construction(settings: Settings, env: DistEnv, dtype: torch.dtype
 
 
 def _fsdp_construction(settings: Settings, env: DistEnv, dtype: torch.dtype) -> Construction:
-    config = hf_config(settings)
-    sources = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config)
+    folder = ported_hub_folder(settings, env)
+    config = hf_config(settings, folder)
+    sources = _stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config, folder)
     if sources is None:
         return Construction("whole")
     base = skeleton(config, base_dtype(settings, dtype))
@@ -262,15 +270,17 @@ def _fsdp_construction(settings: Settings, env: DistEnv, dtype: torch.dtype) -> 
     return Construction("fsdp_stream", base=base, weights=StreamedWeights(base, sources), leak_check="engine")
 
 
-def _stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, Source] | None:
+def _stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None,
+                   folder: str | None = None) -> dict[str, Source] | None:
     """The model's tensor name -> its ``Source`` in the checkpoint, when each rank can read its
-    own part (safetensors in a local folder, with the model's own names or a ported family's
-    original layout); else ``None``, after logging why and what happens instead.
-    ``config``: the model's ``hf_config``, when the caller has read it (else it is read here)."""
+    own part (safetensors in a local folder or the hub's cache, with the model's own names or a
+    ported family's original layout); else ``None``, after logging why and what happens instead.
+    ``config``: the model's ``hf_config``, when the caller has read it (else it is read here);
+    ``folder``: the checkpoint's local copy, when the caller has fetched it."""
     if config is None:
-        config = hf_config(settings)
+        config = hf_config(settings, folder)
     why = _cannot_stream(settings, config)
-    folder = None if why else _local_folder(settings.pretrained_model_name_or_path, env)
+    folder = None if why else folder or _local_folder(settings.pretrained_model_name_or_path, env)
     if folder is None and not why:
         why = "its files are not in a local folder"
     sources = None
@@ -314,9 +324,10 @@ def _cannot_stream(settings: Settings, config) -> str | None:
     return None
 
 
-def _local_folder(name: str, env: DistEnv) -> str | None:
+def _local_folder(name: str, env: DistEnv, extra: tuple[str, ...] = ()) -> str | None:
     """The local folder of a checkpoint: ``name`` itself, or its copy in the Hugging Face cache
-    (downloaded by the main rank first, then found by the others)."""
+    (its config and safetensors files, and the files matching ``extra``; downloaded by the main
+    rank first, then found by the others)."""
     if os.path.isdir(name):
         return name
     try:
@@ -324,11 +335,34 @@ def _local_folder(name: str, env: DistEnv) -> str | None:
 
         from packtune.distributed import on_main_rank
 
-        patterns = ["*.json", "*.safetensors"]
+        patterns = ["*.json", *extra, "*.safetensors"]
         on_main_rank(env, lambda: snapshot_download(name, allow_patterns=patterns))
         return snapshot_download(name, allow_patterns=patterns)
     except Exception:  # offline, gated, or not a hub id: transformers says why when it loads
         return None
+
+
+def ported_hub_folder(settings: Settings, env: DistEnv) -> str | None:
+    """The local copy of a hub id in a ported family's original layout (InternLM2's ``wqkv``
+    ...), fetched the way a native checkpoint is (``_local_folder``), with the code and
+    tokenizer files that ``save_model(format="original")`` copies beside its weights; ``None``
+    for a local folder, any other model, a random init or a quantized one (which load whole),
+    and a checkpoint without safetensors files (said in the log)."""
+    name = settings.pretrained_model_name_or_path
+    if settings.model_config is not None or not name or os.path.isdir(name) or (settings.lora or {}).get("quantization"):
+        return None
+    from packtune.ports import api as ports
+    from packtune.ports.files import SIDE_FILES
+
+    if ports.port_for(name) is None:  # config.json only
+        return None
+    folder = _local_folder(name, env, SIDE_FILES)
+    if folder is None or ports.original_layout(folder) is None:
+        return None
+    if checkpoint_files(folder) is None:
+        log.info("%s: a ported family's checkpoint without safetensors files: it is loaded whole", name)
+        return None
+    return folder
 
 
 def skeleton(config, dtype: torch.dtype) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_scale.py                         # about 10 minutes on 2 CPU cores
     python benchmarks/bench_scale.py --layers 2 --small-layers 2   # small models, to try the script
+    python benchmarks/bench_scale.py --procs 2 --engines ZeRO-3      # one block of rows
 
 Random-init models saved as folders of 100 MB safetensors shards: at 2 processes a Llama of
 about 300M parameters (hidden 1024, 18 layers, 16 heads, intermediate 2816, vocabulary
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=18, help="layers of the 2-process models (18: ~300M parameters)")
     parser.add_argument("--small-layers", type=int, default=8, help="layers of the 4-process Llama (8: 166M parameters)")
     parser.add_argument("--procs", type=int, nargs="+", default=[2, 4], choices=sorted(GOALS))
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES), help="engines to measure")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     parser.add_argument("--wrap", default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
@@ -171,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                     make_model(tiny, family, TINY)
                 params = make_model(big, family, model_config(layers))
                 log(f"{family}: {params / 1e6:.1f}M parameters ({layers} layers), {params * 4 / 2**20:.0f} MiB in fp32")
-                for engine, flags in ENGINES.items():
+                for engine in args.engines:
+                    flags = ENGINES[engine]
                     results.append({"procs": nproc, "engine": engine, "family": family, "layers": layers, "params": params,
                                     "tiny": run_packtune(tiny, nproc, flags, work, cache, log),
                                     "big": run_packtune(big, nproc, flags, work, cache, log)})

@@ -207,6 +207,20 @@ def write_checkpoint(folder, family: str, seed: int = 0, **overrides) -> tuple[d
     return cfg, state
 
 
+def write_hub_cache(cache, repo_id: str, family: str) -> str:
+    """``family``'s tiny original-layout checkpoint as hub repo ``repo_id`` in the Hugging Face
+    cache folder ``cache``, laid out as ``huggingface_hub`` finds a download offline
+    (``models--ORG--NAME/snapshots/COMMIT`` and ``refs/main``); returns the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = os.path.join(str(cache), "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", commit)
+    write_checkpoint(snapshot, family)
+    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(commit)
+    return snapshot
+
+
 # ---------------------------------------------------------------- reference forward pass
 
 

@@ -30,6 +30,7 @@ import time
 
 import pytest
 import torch
+from helpers import has_deepspeed
 
 from packtune.distributed import free_port
 
@@ -38,12 +39,6 @@ RUN_TIMEOUT = 300
 REL = 1e-5
 _LAUNCH_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                 "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PACKTUNE_DEBUG_RAISE", "TORCHELASTIC_ERROR_FILE")
-
-
-def _has_deepspeed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +183,7 @@ def test_fsdp_two_processes_fail_then_resume_on_one(reference, base, cache, tmp_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_zero2_one_process_resumes_on_two(reference, base, cache, tmp_path):
     engine = ["--deepspeed", "deepspeed_zero2"]
     rc, out = _train("deepspeed_zero2", _options(base, 2), cache, engine=engine, cwd=str(tmp_path))
@@ -202,7 +197,7 @@ def test_zero2_one_process_resumes_on_two(reference, base, cache, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_zero3_two_processes_resume_on_one(reference, base, cache, tmp_path):
     work = str(tmp_path / "work")
     engine = ["--deepspeed", "deepspeed_zero3"]

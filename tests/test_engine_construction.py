@@ -11,6 +11,7 @@ one process, with LoRA and gradient checkpointing) are in ``test_elastic_resume.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 
@@ -165,18 +166,24 @@ def test_zero3_partition_reads_cover_every_element(tmp_path, monkeypatch):
     rows = torch.tensor([5, 6, 0, 1, 3])  # a fused part: runs of original rows
     cases = [(Source(path, k, tuple(t.shape)), t) for k, t in tensors.items()]
     cases.append((Source(path, "w", (7, 13), rows), tensors["w"][rows]))
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:  # a fused part is read run by run, never joined into one block
+        pieces = [(first, piece.clone()) for first, piece in cases[-1][0].pieces(f, 0, 5)]
+    assert [(first, len(piece)) for first, piece in pieces] == [(0, 2), (2, 2), (4, 1)]
+    assert torch.equal(torch.cat([piece for _, piece in pieces]), tensors["w"][rows])
     for source, tensor in cases:
-        for world in (1, 2, 3, 4):
+        for world, block in itertools.product((1, 2, 3, 4), (3 * 4, 2 * 13 * 4, 1 << 20)):  # a few rows per block, or all
             size = -(-tensor.numel() // world)
             parts = []
             for rank in range(world):
                 monkeypatch.setattr(deepspeed.comm, "get_rank", lambda group=None, r=rank: r)
                 param = SimpleNamespace(ds_tensor=torch.full((size,), -1.0), ds_numel=tensor.numel(), ds_shape=tensor.shape,
                                         ds_process_group=None)
-                read_partition(param, source, block_bytes=3 * 4)  # blocks of a few rows
+                read_partition(param, source, block_bytes=block)
                 parts.append(param.ds_tensor)
             flat = torch.cat(parts)
-            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (source.key, world)
+            assert torch.equal(flat[: tensor.numel()], tensor.reshape(-1)), (source.key, world, block)
             assert not flat[tensor.numel():].any(), "the padding is zero"
 
 
@@ -189,3 +196,30 @@ def test_fsdp_units_for_untied_embeddings_only():
     assert embedding_units(untied) == [untied.model.embed_tokens, untied.lm_head]
     tied = AutoModelForCausalLM.from_config(_llama(tie_word_embeddings=True))
     assert embedding_units(tied) == [], "tied weights stay in one unit"
+
+
+def test_a_ported_hub_id_streams_from_its_download(tmp_path, monkeypatch, group_of_one):
+    """A ported family given as a hub id streams from its download, as a native hub id does
+    (here found offline in a Hugging Face cache folder): the snapshot's safetensors, under the
+    native class's names (``wqkv`` sliced), the snapshot as the record's source (its code and
+    tokenizer files are what ``save_model(format="original")`` copies). An id that cannot be
+    fetched is left to the whole load, which says why."""
+    import huggingface_hub.constants as hub
+    from ports_reference import write_hub_cache
+
+    from packtune.ports.detect import META
+    from packtune.recipe.engines import model_construction
+    from packtune.recipe.engines.construction import ported_hub_folder
+
+    snapshot = write_hub_cache(tmp_path, "packtune-test/tiny-internlm2", "internlm2")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    settings = _settings("packtune-test/tiny-internlm2")
+    with model_construction("fsdp", settings, group_of_one, torch.float32) as construction:
+        assert construction.how == "fsdp_stream"
+        sources = construction.weights.sources
+        assert {os.path.dirname(s.path) for s in sources.values()} == {snapshot}
+        assert sources["model.layers.0.self_attn.k_proj.weight"].key == "model.layers.0.attention.wqkv.weight"
+        assert sources["model.layers.0.self_attn.k_proj.weight"].rows is not None
+        assert getattr(construction.base.config, META)["source"] == snapshot
+    assert ported_hub_folder(_settings("packtune-test/not-in-the-cache"), group_of_one) is None

@@ -18,6 +18,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from helpers import has_deepspeed
 
 from packtune.distributed import failure_summary, free_port, record_failure
 
@@ -135,13 +136,7 @@ def test_cli_reports_its_error_to_torchrun(tmp_path, monkeypatch):
     assert record["exit_code"] == 2 and record["line"].startswith("packtune train: error: ") and "batch_size" in record["line"]
 
 
-def _has_deepspeed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
-
-
-@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed")
+@pytest.mark.skipif(not has_deepspeed(), reason="DeepSpeed is not installed")
 def test_builtin_deepspeed_name_wins_over_a_path(tmp_path, monkeypatch):
     from packtune.recipe.engines.deepspeed_config import resolve_deepspeed_config, zero_stage
 

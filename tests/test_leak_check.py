@@ -101,6 +101,22 @@ def test_a_leak_in_the_backward_only_is_caught_by_the_gradients():
         check_no_leak(model)
 
 
+def test_a_logits_only_check_builds_no_graph():
+    """``grads=False`` (ZeRO-3's check, each module's weights gathered while it runs) builds no
+    autograd graph: a graph would keep every gathered weight alive until the check ends."""
+    model = tiny_model("llama")
+    enable_varlen(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(output.logits.requires_grad))
+    check_no_leak(model, grads=False)
+    assert seen and not any(seen)
+    seen.clear()
+    check_no_leak(model)
+    assert seen and all(seen)
+
+
 def test_a_leak_under_bf16_autocast_is_caught_by_the_fp32_pass():
     model = _with_attention("far_leak_bf16_test", _far_leak)
     with pytest.raises(LeakError, match=r"float32, tolerance 1e-05"):

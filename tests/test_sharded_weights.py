@@ -4,7 +4,8 @@
 its own part of the checkpoint (``sharded_weights_worker.py``): a native family (a tiny Llama in
 several safetensors files) and every ported family in its original layout (InternLM 1/2,
 Baichuan 1/2 7B and 13B, ChatGLM3, Qwen-1, written as safetensors), whose fused tensors
-(``wqkv``, ``W_pack``, ``query_key_value``, ``c_attn``) each rank slices at read time.
+(``wqkv``, ``W_pack``, ``query_key_value``, ``c_attn``) each rank slices at read time, and an
+InternLM2 given as a hub id (``HUB_ID``, found offline in a Hugging Face cache folder).
 The reference is ``packtune.load_model`` in one process (for the ported families: the whole
 original state dict converted by the family's layout).
 """
@@ -17,12 +18,13 @@ import sys
 
 import pytest
 import torch
-from ports_reference import FAMILIES, write_checkpoint
 from helpers import assert_ran, has_deepspeed, launch_env, run_command
+from ports_reference import FAMILIES, write_checkpoint, write_hub_cache
 
 from packtune.distributed import free_port
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_weights_worker.py")
+HUB_ID = "packtune-test/tiny-internlm2"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,8 @@ def folders(tmp_path_factory) -> list[str]:
                 os.remove(folder / name)
             save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
         out.append(str(folder))
-    return out
+    write_hub_cache(root / "hub", HUB_ID, "internlm2")
+    return [*out, HUB_ID]
 
 
 @pytest.mark.slow
@@ -56,7 +59,8 @@ def test_every_rank_holds_the_weights_one_process_loads(engine, folders, tmp_pat
         pytest.skip("DeepSpeed is not installed")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", WORKER, str(tmp_path), engine, *folders]
-    rc, out, _ = run_command(cmd, launch_env(str(tmp_path / "cache")))
+    hub = os.path.join(os.path.dirname(folders[0]), "hub")
+    rc, out, _ = run_command(cmd, launch_env(str(tmp_path / "cache"), HF_HUB_CACHE=hub, HF_HUB_OFFLINE="1"))
     assert_ran(rc, out, f"{engine} sharded load")
     streamed = {"zero3": "zero3_stream", "fsdp": "fsdp_stream"}[engine]
     for rank in (0, 1):

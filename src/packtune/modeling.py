@@ -250,7 +250,7 @@ def _leak_errors(model, ids, pos, cu, lengths, dtype, grads, seed):
     packed_sketch: dict = {}
     alone_sketch: dict = {}
     longest = max(lengths)
-    with torch.enable_grad(), autocast_context(device, dtype):
+    with torch.set_grad_enabled(bool(params)), autocast_context(device, dtype):  # logits only: no graph held
         with _gradient_sketch([p for _, p in params], packed_sketch, seed):
             packed = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                            max_length_q=longest, max_length_k=longest, use_cache=False).logits[0].float()

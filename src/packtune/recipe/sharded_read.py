@@ -6,10 +6,11 @@ Baichuan's ``W_pack``, ChatGLM's ``query_key_value``, Qwen-1's ``c_attn``; the r
 the family's ``Layout.native_rows``). ``checkpoint_sources`` maps a checkpoint folder, in a
 transformers layout or a ported family's original one, to the sources of the native model's
 tensors. ``read_into`` copies any range of a tensor's flattened elements from its source, a
-block of rows at a time, the file mapped only while a block is read: memory grows by one block
-(16 MB), never by the tensor or by the file's pages.
+block of rows at a time (a fused part: one run of the original's rows at a time, each copied
+straight into its place), the file mapped only while a block is read: memory grows by at most
+one block (16 MB), never by the tensor or by the file's pages.
 
-``StreamedWeights`` fills a model built without its weights (``sharded_init``): FSDP2 shards
+``StreamedWeights`` fills a model built without its weights (``packtune.recipe.engines.construction``): FSDP2 shards
 (``load_into``: each rank's rows of each ``DTensor``) and ZeRO-3 partitions (``load_zero3``:
 each rank's flat range of each parameter). No rank reads, receives or holds another rank's part.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -43,17 +45,21 @@ class Source:
     def native_shape(self) -> tuple[int, ...]:
         return self.shape if self.rows is None else (len(self.rows), *self.shape[1:])
 
-    def read_rows(self, handle, first: int, last: int) -> torch.Tensor:
-        """Rows ``[first, last)`` of the tensor this source describes, from an open ``safe_open``."""
+    def pieces(self, handle, first: int, last: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows ``[first, last)`` of the tensor this source describes, from an open ``safe_open``,
+        as ``(first row, rows)`` pieces: the whole range for a whole tensor, else one piece per
+        run of contiguous original rows (a fused part: e.g. one head group of ``wqkv``). Each
+        piece is read only when the caller asks for the next one, so a caller that drops it
+        first holds one piece at a time, never the range joined into one block."""
         if self.rows is None:
-            return handle.get_slice(self.key)[first:last]
+            yield first, handle.get_slice(self.key)[first:last]
+            return
         index = self.rows[first:last].tolist()
-        runs, start = [], 0
-        for i in range(1, len(index) + 1):  # contiguous runs of original rows: one slice each
+        start = 0
+        for i in range(1, len(index) + 1):
             if i == len(index) or index[i] != index[i - 1] + 1:
-                runs.append(handle.get_slice(self.key)[index[start] : index[i - 1] + 1])
+                yield first + start, handle.get_slice(self.key)[index[start] : index[i - 1] + 1]
                 start = i
-        return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
 def read_into(dest: torch.Tensor, source: Source, start: int = 0, block_bytes: int = BLOCK_BYTES) -> None:
@@ -77,10 +83,10 @@ def read_into(dest: torch.Tensor, source: Source, start: int = 0, block_bytes: i
     for r0 in range(first, last, rows_per_block):
         r1 = min(r0 + rows_per_block, last)
         with safe_open(source.path, framework="pt", device="cpu") as f:
-            flat = source.read_rows(f, r0, r1).reshape(-1)
-            lo, hi = max(start, r0 * row), min(end, r1 * row)  # this block's share of the range
-            flat_dest[lo - start : hi - start].copy_(flat[lo - r0 * row : hi - r0 * row])
-            del flat
+            for p0, piece in source.pieces(f, r0, r1):
+                lo, hi = max(start, p0 * row), min(end, (p0 + len(piece)) * row)  # this piece's share of the range
+                flat_dest[lo - start : hi - start].copy_(piece.reshape(-1)[lo - p0 * row : hi - p0 * row])
+                del piece  # before the next piece is read
 
 
 def checkpoint_files(folder: str) -> dict[str, str] | None:

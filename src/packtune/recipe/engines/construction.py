@@ -18,9 +18,9 @@ checkpointing, LoRA):
   a checkpoint in safetensors is streamed instead, into a partitioned skeleton
   (``StreamedWeights.load_zero3``: every rank reads only the elements of its own partition).
 
-A ported family (InternLM 1/2, Baichuan, ChatGLM2/3, Qwen-1) in its original layout is built
-as its native class (``packtune.ports``); its fused tensors are sliced at read time
-(``sharded_read``). A model that cannot stream (random init under FSDP2, QLoRA, remote code,
+A ported family (InternLM 1/2, Baichuan, ChatGLM2/3, Qwen-1) in its original layout, a local
+folder or a hub id (downloaded as a native one is: ``ported_hub_folder``), is built as its
+native class (``packtune.ports``); its fused tensors are sliced at read time (``sharded_read``). A model that cannot stream (random init under FSDP2, QLoRA, remote code,
 weights not in safetensors, checkpoint names the model does not have: ``stream_source``) is
 built as before (whole on every rank under FSDP2; by transformers under ZeRO-3), and the log
 says why.
@@ -42,7 +42,7 @@ import torch
 from packtune.config.settings import Settings
 from packtune.distributed import DistEnv, peak_memory
 from packtune.recipe.model_setup import base_dtype
-from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_sources
+from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_files, checkpoint_sources
 
 __all__ = ["Construction", "StreamedWeights", "hf_config", "skeleton", "stream_source"]
 
@@ -133,10 +133,11 @@ def _glibc():
         return None
 
 
-def hf_config(settings: Settings):
+def hf_config(settings: Settings, folder: str | None = None):
     """The transformers config of the model to train, without building it (``None`` when it
     cannot be read without remote code). For a ported family's checkpoint in its original
-    layout (a local folder): its native config, as ``packtune.load_model`` builds it."""
+    layout: its native config, as ``packtune.load_model`` builds it. ``folder``: the local
+    copy of a hub id (``ported_hub_folder``), read instead of the id."""
     from transformers import AutoConfig
 
     from packtune.ports import api as ports
@@ -146,26 +147,28 @@ def hf_config(settings: Settings):
             import copy
 
             return AutoConfig.for_model(**copy.deepcopy(settings.model_config))
-        original = ports.original_layout(settings.pretrained_model_name_or_path)
+        folder = str(folder or settings.pretrained_model_name_or_path)
+        original = ports.original_layout(folder)
         if original is not None:
             from packtune.ports.files import weight_files
 
-            folder = str(settings.pretrained_model_name_or_path)
             return ports.native_config(original[1], original[0], folder, weight_files(folder)[0])
         return AutoConfig.from_pretrained(settings.pretrained_model_name_or_path, trust_remote_code=settings.trust_remote_code)
     except (OSError, ValueError, KeyError):
         return None
 
 
-def stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None) -> dict[str, Source] | None:
+def stream_source(settings: Settings, env: DistEnv, engine: str, otherwise: str, config=None,
+                  folder: str | None = None) -> dict[str, Source] | None:
     """The model's tensor name -> its ``Source`` in the checkpoint, when each rank can read its
-    own part (safetensors in a local folder, with the model's own names or a ported family's
-    original layout); else ``None``, after logging why and what happens instead.
-    ``config``: the model's ``hf_config``, when the caller has read it (else it is read here)."""
+    own part (safetensors in a local folder or the hub's cache, with the model's own names or a
+    ported family's original layout); else ``None``, after logging why and what happens instead.
+    ``config``: the model's ``hf_config``, when the caller has read it (else it is read here);
+    ``folder``: the checkpoint's local copy, when the caller has fetched it."""
     if config is None:
-        config = hf_config(settings)
+        config = hf_config(settings, folder)
     why = _cannot_stream(settings, config)
-    folder = None if why else _local_folder(settings.pretrained_model_name_or_path, env)
+    folder = None if why else folder or _local_folder(settings.pretrained_model_name_or_path, env)
     if folder is None and not why:
         why = "its files are not in a local folder"
     sources = None
@@ -209,9 +212,10 @@ def _cannot_stream(settings: Settings, config) -> str | None:
     return None
 
 
-def _local_folder(name: str, env: DistEnv) -> str | None:
+def _local_folder(name: str, env: DistEnv, extra: tuple[str, ...] = ()) -> str | None:
     """The local folder of a checkpoint: ``name`` itself, or its copy in the Hugging Face cache
-    (downloaded by the main rank first, then found by the others)."""
+    (its config and safetensors files, and the files matching ``extra``; downloaded by the main
+    rank first, then found by the others)."""
     if os.path.isdir(name):
         return name
     try:
@@ -219,11 +223,34 @@ def _local_folder(name: str, env: DistEnv) -> str | None:
 
         from packtune.distributed import on_main_rank
 
-        patterns = ["*.json", "*.safetensors"]
+        patterns = ["*.json", *extra, "*.safetensors"]
         on_main_rank(env, lambda: snapshot_download(name, allow_patterns=patterns))
         return snapshot_download(name, allow_patterns=patterns)
     except Exception:  # offline, gated, or not a hub id: transformers says why when it loads
         return None
+
+
+def ported_hub_folder(settings: Settings, env: DistEnv) -> str | None:
+    """The local copy of a hub id in a ported family's original layout (InternLM2's ``wqkv``
+    ...), fetched the way a native checkpoint is (``_local_folder``), with the code and
+    tokenizer files that ``save_model(format="original")`` copies beside its weights; ``None``
+    for a local folder, any other model, a random init or a quantized one (which load whole),
+    and a checkpoint without safetensors files (said in the log)."""
+    name = settings.pretrained_model_name_or_path
+    if settings.model_config is not None or not name or os.path.isdir(name) or (settings.lora or {}).get("quantization"):
+        return None
+    from packtune.ports import api as ports
+    from packtune.ports.files import SIDE_FILES
+
+    if ports.port_for(name) is None:  # config.json only
+        return None
+    folder = _local_folder(name, env, SIDE_FILES)
+    if folder is None or ports.original_layout(folder) is None:
+        return None
+    if checkpoint_files(folder) is None:
+        log.info("%s: a ported family's checkpoint without safetensors files: it is loaded whole", name)
+        return None
+    return folder
 
 
 def skeleton(config, dtype: torch.dtype) -> torch.nn.Module:

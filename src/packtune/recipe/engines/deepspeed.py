@@ -52,6 +52,7 @@ from packtune.recipe.engines.construction import (
     Construction,
     StreamedWeights,
     hf_config,
+    ported_hub_folder,
     sharded_construction,
     skeleton,
     stream_source,
@@ -355,14 +356,20 @@ class Zero3Construction(DeepSpeedConstruction):
 
 
 def _construction(settings: Settings, env: DistEnv, dtype: torch.dtype, deepspeed) -> DeepSpeedConstruction:
-    config = hf_config(settings)
-    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    filled = run_config(deepspeed, settings, env.world_size, dtype, getattr(text, "hidden_size", None))
+    def config_of(folder: str | None):
+        config = hf_config(settings, folder)
+        text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+        return config, run_config(deepspeed, settings, env.world_size, dtype, getattr(text, "hidden_size", None))
+
+    config, filled = config_of(None)
     if zero_stage(filled) != 3 or (settings.lora or {}).get("quantization"):
         return DeepSpeedConstruction(filled)
+    folder = ported_hub_folder(settings, env)  # ZeRO-3 only: the download is what it streams from
+    if folder is not None:
+        config, filled = config_of(folder)
     # Before transformers' ZeRO-3 switch is on: it would build these under zero.Init.
     sources = stream_source(settings, env, "ZeRO-3", "transformers loads it (the main rank holds the whole checkpoint while "
-                             "it does; a ported family: every rank reads it whole)", config)
+                             "it does; a ported family: every rank reads it whole)", config, folder)
     base = skeleton(config, base_dtype(settings, dtype)) if sources is not None else None
     prepare_deepspeed(env)  # zero.Init partitions over the process group: it must exist first
     import deepspeed

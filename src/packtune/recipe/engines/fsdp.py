@@ -47,6 +47,7 @@ from packtune.recipe.engines.construction import (
     Construction,
     StreamedWeights,
     hf_config,
+    ported_hub_folder,
     sharded_construction,
     skeleton,
     stream_source,
@@ -246,8 +247,9 @@ class StreamedConstruction(Construction):
 
 
 def _construction(settings: Settings, env: DistEnv, dtype: torch.dtype) -> Construction:
-    config = hf_config(settings)
-    sources = stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config)
+    folder = ported_hub_folder(settings, env)
+    config = hf_config(settings, folder)
+    sources = stream_source(settings, env, "FSDP2", "every rank builds the whole model before sharding", config, folder)
     if sources is None:
         return Construction()
     base = skeleton(config, base_dtype(settings, dtype))

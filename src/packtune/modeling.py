@@ -21,11 +21,7 @@ import torch
 from packtune.attention.hf import (
     ATTN_IMPLEMENTATION,
     BACKEND_ATTR,
-    BOUNDARIES_KWARG,
-    SP_KWARG,
     attach_boundaries,
-    cu_seqlens_from_position_ids,
-    forward_boundaries,
     text_config,
 )
 from packtune.attention.varlen import BACKENDS

@@ -41,7 +41,6 @@ import torch
 
 from packtune.config.settings import Settings
 from packtune.distributed import DistEnv, peak_memory
-from packtune.recipe.model_setup import base_dtype
 from packtune.recipe.sharded_read import Source, StreamedWeights, checkpoint_files, checkpoint_sources
 
 __all__ = ["Construction", "StreamedWeights", "hf_config", "skeleton", "stream_source"]

@@ -502,7 +502,7 @@ def deepspeed_universal(folder: str, env) -> str:
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, "latest_universal"))
         os.replace(tmp, target)
-        fsync_dir(folder)
+        ckpt.fsync_dir(folder)
 
     on_main_rank(env, convert)
     return UNIVERSAL_TAG

@@ -21,34 +21,21 @@ import pytest
 from every_model import outcome, text_types, tiny_model_of
 
 PENDING = "pending"
-_STATE = "carries state from token to token (no varlen form on this branch): refused by enable_varlen"
+_STATE = "carries state from token to token and packtune has no varlen form of it: refused by enable_varlen"
 _ASIDE = ("its attention does not go through transformers' AttentionInterface, so packtune cannot route it; "
           "check_no_leak refuses it (LeakError)")
 
 #: Model type -> why it is not exact on packed rows.
 NOT_EXACT: dict[str, str] = {
-    # Layers with state whose varlen forms are in flight (issue 15, section 1): refused until they land.
-    **{t: f"{PENDING} h15a: Gated DeltaNet {_STATE}" for t in (
-        "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini")},
-    **{t: f"{PENDING} h15a: short causal convolution {_STATE}" for t in ("lfm2", "lfm2_moe")},
-    **{t: f"{PENDING} h15b: Mamba2 {_STATE}" for t in (
-        "bamba", "granitemoehybrid", "nemotron_h", "falcon_h1", "zamba2", "mamba2")},
-    **{t: f"{PENDING} h15b: Mamba1 {_STATE}" for t in ("jamba", "mamba", "falcon_mamba")},
-    **{t: f"{PENDING} h15c: Kimi delta attention {_STATE}" for t in ("kimi_linear", "bailing_hybrid")},
-    "minimax": f"{PENDING} h15c: MiniMax lightning attention {_STATE}",
     # Attention that packtune's varlen path does not yet reproduce (issue 15, sections 2-5).
-    **{t: f"{PENDING} h15d: attention sinks (s_aux): packtune_varlen refuses them" for t in (
-        "gpt_oss", "deepseek_v4", "granite_swa", "granitemoe_swa", "mimo_v2_flash", "flint")},
-    "llama4_text": f"{PENDING} h15d: chunked attention and NoPE temperature tuning; check_no_leak refuses it",
     **{t: f"{PENDING} h15d: DeepSeek sparse attention: its indexer reads the mask packtune replaces" for t in (
         "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4")},
     "doge": f"{PENDING} h15d: its attention reads module.is_causal, which packtune's mask path lacks",
-    # Layers with state packtune has no varlen form of, and no helper is writing one.
+    # Layers with state packtune has no varlen form of.
     "recurrent_gemma": f"RG-LRU recurrence {_STATE}",
     "rwkv": f"RWKV time mixing {_STATE}",
     "xlstm": f"mLSTM recurrence {_STATE}",
     "inkling_text": f"short convolution inside attention {_STATE}",
-    "lfm3": f"short convolution {_STATE}",
     "zaya": f"convolutional (CCA) q/k/v projection {_STATE}",
     # Attention outside AttentionInterface: packtune cannot reach it, the leak check refuses the model.
     "bloom": f"ALiBi: {_ASIDE}",

@@ -97,8 +97,10 @@ _SIZES = {
     # multi-head latent attention
     "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16,
     # windows, chunks, sparse blocks
+    # (index_n_heads stays the model's own: with few indexer heads a ReLU'd score is often exactly 0,
+    # and the indexer's top-k over such ties breaks them by slot in the row, alone or packed.)
     "sliding_window": WINDOW, "attention_chunk_size": CHUNK, "index_topk": CHUNK, "index_head_dim": 16,
-    "index_n_heads": 2,
+    "keep_window_size": WINDOW,
     # linear attention, convolutions, state-space layers
     "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
     "linear_conv_kernel_dim": 4, "conv_L_cache": 3, "mamba_d_conv": 4, "conv_kernel": 4, "mamba_d_state": 16,
@@ -174,15 +176,25 @@ def tiny_model_of(model_type: str, seed: int = 0) -> torch.nn.Module:
     if size > MAX_PARAMETERS:
         raise AssertionError(f"{model_type}: the tiny config builds {size:,} parameters; shrink it in _OVERRIDES")
     torch.manual_seed(seed)
-    return build()
+    model = build()
+    with torch.no_grad():
+        # Random values for parameters initialised to one constant (norms aside): a learned
+        # per-head scale at 0 (Doge's dynamic-mask A, attention sinks) hides what it drives, and
+        # Doge's top-k over its then equal biases would break the tie by slot in the row.
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 and p.numel() > 1 and bool((p == p.flatten()[0]).all()) and "norm" not in name:
+                p.normal_(0.0, 0.5)
+    return model
 
 
 # ----------------------------------------------------------------------------- packed vs alone
 
 
 def _docs(vocab: int, seed: int = 0):
+    """Documents of ``LENGTHS`` (distinct tokens within each, none special: ``leak_check_ids``'s
+    reasons) and their targets."""
     gen = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(3, vocab, (n,), generator=gen) for n in LENGTHS]
+    ids = [torch.randperm(vocab - 3, generator=gen)[:n] + 3 for n in LENGTHS]
     targets = [torch.randint(0, vocab, (n,), generator=gen) for n in LENGTHS]
     return ids, targets
 

@@ -27,10 +27,6 @@ _ASIDE = ("its attention does not go through transformers' AttentionInterface, s
 
 #: Model type -> why it is not exact on packed rows.
 NOT_EXACT: dict[str, str] = {
-    # Attention that packtune's varlen path does not yet reproduce (issue 15, sections 2-5).
-    **{t: f"{PENDING} h15d: DeepSeek sparse attention: its indexer reads the mask packtune replaces" for t in (
-        "deepseek_v32", "glm_moe_dsa", "axk2", "hy_v4")},
-    "doge": f"{PENDING} h15d: its attention reads module.is_causal, which packtune's mask path lacks",
     # Layers with state packtune has no varlen form of.
     "recurrent_gemma": f"RG-LRU recurrence {_STATE}",
     "rwkv": f"RWKV time mixing {_STATE}",

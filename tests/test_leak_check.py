@@ -228,3 +228,20 @@ def test_gated_deltanet_is_checked_against_transformers_own_scan():
     torch.manual_seed(0)
     model = enable_varlen(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
     assert check_no_leak(model) <= modeling.GRAD_TOLERANCE[torch.float32]
+
+
+def test_documents_draw_distinct_ordinary_tokens():
+    """Within each document no token repeats and none is special (padding, bos, eos), where the
+    vocabulary allows: a top-k over exactly tied scores would pick by slot in the row."""
+    model = tiny_model("llama", pad_token_id=0, bos_token_id=1, eos_token_id=[2, 5])
+    lengths = leak_check_lengths(model)
+    ids = modeling.leak_check_ids(model, lengths)
+    assert ids.shape == (1, sum(lengths))
+    for doc in ids[0].split(list(lengths)):
+        assert len(set(doc.tolist())) == len(doc)
+    assert not set(ids[0].tolist()) & {0, 1, 2, 5}
+    assert int(ids.max()) < model.config.vocab_size
+    # A vocabulary smaller than a document: tokens repeat, still none special.
+    small = tiny_model("llama", vocab_size=40, pad_token_id=0)
+    ids = modeling.leak_check_ids(small, (71, 5, 67))
+    assert not (ids == 0).any() and int(ids.max()) < 40

@@ -21,7 +21,7 @@ import packtune.layers.masked as masked
 from packed_alone import compare_packed_alone, tiny
 from packtune.attention.hf import ROUTINE_KWARGS, packtune_attention_forward
 from packtune.layers import UnsupportedLayerError
-from packtune.modeling import enable_varlen
+from packtune.modeling import check_no_leak, enable_varlen
 
 DSA = dict(num_key_value_heads=4, index_topk=4)
 FAMILIES = {
@@ -49,12 +49,32 @@ def test_mask_reading_layers_packed_equal_documents_alone(model_type, lengths):
     assert logits < 1e-5 and grads < 1e-4, (logits, grads)
 
 
+def test_doge_sliding_window_stays_in_the_documents_mask():
+    """Doge with a sliding window: its model builds a sliding-window mask for every layer, and the
+    dynamic mask's top-k runs over it; the documents' mask packtune hands it keeps that window
+    (the leak check's lengths, documents far longer than the window)."""
+    _needs("doge")
+    logits, grads = compare_packed_alone("doge", (71, 5, 67), **FAMILIES["doge"], sliding_window=8)
+    assert logits < 1e-5 and grads < 1e-4, (logits, grads)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "doge"])
+def test_the_leak_check_passes_them(model_type):
+    """check_no_leak's own row (71, 5, 67 tokens): distinct ordinary tokens in each document, so no
+    top-k over exactly tied scores (a repeated token, the zero padding embedding), whose winner
+    is the slot in the row, makes the document alone ill-defined."""
+    _needs(model_type)
+    extra = dict(sliding_window=8) if model_type == "doge" else dict(index_topk=16)
+    model = enable_varlen(tiny(model_type, **{**FAMILIES[model_type], **extra}))
+    assert check_no_leak(model) <= 5e-5
+
+
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "doge"])
 def test_top_k_over_the_whole_row_is_caught(model_type, monkeypatch):
     """The comparison above can fail: a causal mask without the documents lets the indexer pick keys
     of earlier documents (and the attention must then see them)."""
 
-    def row_causal(kwargs, rows, length, device):
+    def row_causal(kwargs, rows, length, device, window=None):
         return torch.ones(length, length, dtype=torch.bool, device=device).tril().expand(rows, 1, length, length)
 
     monkeypatch.setattr(masked, "document_causal_mask", row_causal)

@@ -158,6 +158,36 @@ def leak_check_lengths(model: torch.nn.Module, max_length: int | None = None) ->
     return (span + 7, 5, span + 3)
 
 
+def leak_check_ids(model: torch.nn.Module, lengths: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """``(1, sum(lengths))`` token ids of the leak check's row: within each document all distinct
+    and none a special token (padding, bos, eos), where the vocabulary allows.
+
+    A top-k selection over scores that tie exactly (a sparse attention indexer, Doge's dynamic
+    mask) breaks the tie by the key's slot in the row, which differs between the packed row and
+    the document alone: the document alone is then no reference at all. Exact ties come from a
+    repeated token (identical first-layer keys, biases and router scores) and from a token whose
+    embedding is zero (padding, as initialised); distinct ordinary tokens leave none, and lose
+    nothing of a leak.
+    """
+    vocab = int(getattr(text_config(model), "vocab_size", None) or 32000)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    for cfg in model_configs(model):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(cfg, name, None)
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(token, int) and 0 <= token < vocab:
+                    allowed[token] = False
+    tokens = allowed.nonzero().flatten() if allowed.any() else torch.arange(vocab)
+    gen = torch.Generator().manual_seed(seed)
+    docs = [
+        tokens[torch.randperm(len(tokens), generator=gen)[:n]]
+        if len(tokens) >= n
+        else tokens[torch.randint(len(tokens), (n,), generator=gen)]
+        for n in lengths
+    ]
+    return torch.cat(docs).unsqueeze(0)
+
+
 @functools.lru_cache(maxsize=4)
 def _sketch_vectors(device: torch.device, seed: int) -> torch.Tensor:
     """``(_PROJECTIONS, _BLOCK)`` float64 random directions, made once: every block of every
@@ -327,13 +357,10 @@ def check_no_leak(
     rounding. ``grads=False`` compares logits only (a model whose weights are gathered for the
     forward alone). Returns the largest relative error.
     """
-    cfg = text_config(model)
     device = next(model.parameters()).device
     weights = next(model.parameters()).dtype
     lengths = leak_check_lengths(model, max_length)
-    gen = torch.Generator().manual_seed(seed)
-    vocab = int(getattr(cfg, "vocab_size", None) or 32000)
-    ids = torch.randint(0, vocab, (1, sum(lengths)), generator=gen).to(device)
+    ids = leak_check_ids(model, lengths, seed).to(device)
     pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device)
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
     passes = [dtype] if dtype == torch.float32 or weights != torch.float32 else [torch.float32, dtype]

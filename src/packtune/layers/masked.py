@@ -8,7 +8,8 @@ instead). A few layers compute something from the mask themselves before attenti
 * Doge's dynamic mask adds a learned bias to the mask and keeps the top-k keys of it.
 
 Their varlen form replaces a ``None`` mask with the block-diagonal causal mask of the packed
-row's documents, ``(rows, 1, len, len)`` booleans, built from the forward's validated boundaries,
+row's documents (and the layer's sliding window, as transformers' mask would have it),
+``(rows, 1, len, len)`` booleans, built from the forward's validated boundaries,
 and calls the layer's own forward: the indexer's top-k is then taken over each document's own
 keys, exactly as for the document alone, and packtune's attention receives that mask (and the
 indexer's ``indices``) on its dense path. Memory is that of the layer's own dense scores.
@@ -29,10 +30,31 @@ def _signature(cls: type) -> inspect.Signature:
     return inspect.signature(cls.forward)
 
 
-def document_causal_mask(kwargs: dict, rows: int, length: int, device: torch.device) -> torch.Tensor:
+def layer_window(module: torch.nn.Module) -> int | None:
+    """The sliding window of the mask transformers would hand ``module``: its own
+    ``sliding_window`` where it keeps one (``None`` on a full-attention layer), else the config's
+    for a ``"sliding_attention"`` layer of ``layer_types``, else the config's for every layer
+    (Doge builds one sliding-window mask for all its layers when the config sets a window)."""
+    if "sliding_window" in vars(module):
+        return module.sliding_window
+    cfg = module.config
+    window = getattr(cfg, "sliding_window", None)
+    kinds, index = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
+    if window and kinds is not None and index is not None:
+        return window if kinds[index] == "sliding_attention" else None
+    return window
+
+
+def document_causal_mask(
+    kwargs: dict, rows: int, length: int, device: torch.device, window: int | None = None
+) -> torch.Tensor:
     """``(rows, 1, length, length)`` booleans: key ``j`` is visible to query ``i`` when it is not
-    later and lies in the same document (one document per row when there are no boundaries)."""
+    later, lies in the same document (one document per row when there are no boundaries) and,
+    with a ``window``, within the last ``window`` tokens (the query itself counted, as in
+    transformers' sliding-window masks)."""
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if window:
+        causal = causal.triu(-(window - 1))
     seg = segments_of(kwargs, rows, length)
     if seg is None:
         return causal.expand(rows, 1, length, length)
@@ -47,5 +69,7 @@ def mask_reading_attention_forward(module: torch.nn.Module, *args, **kwargs):
     if bound.arguments.get("attention_mask") is None:
         hidden = bound.arguments["hidden_states"]
         rows, length = hidden.shape[:2]
-        bound.arguments["attention_mask"] = document_causal_mask(kwargs, rows, length, hidden.device)
+        bound.arguments["attention_mask"] = document_causal_mask(
+            kwargs, rows, length, hidden.device, layer_window(module)
+        )
     return type(module).forward(*bound.args, **bound.kwargs)

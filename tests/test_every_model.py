@@ -39,8 +39,6 @@ NOT_EXACT: dict[str, str] = {
     "xglm": f"sinusoidal positions from the whole row: {_ASIDE}",
     "openai-gpt": f"learned absolute positions from the whole row: {_ASIDE}",
     "cpmant": f"relative position buckets over the whole row: {_ASIDE}",
-    "phimoe": "check_no_leak refuses it: packed logits differ from its own sdpa attention by 0.85 "
-              "(found by this test; cause not yet diagnosed)",
 }
 
 #: Model types this test's generic tiny config cannot build yet, each with why (the test checks

@@ -5,7 +5,9 @@
   so the packed row equals each document alone (logits and every gradient), with documents far
   longer than the top-k and at a large offset. Handing the indexer a plain causal mask instead
   (top-k over the whole row) fails the same comparison.
-* Doge's dynamic mask (a learned bias plus a top-``keep_window_size`` selection) is exact too.
+* Doge's dynamic mask (a learned bias plus a top-``keep_window_size`` selection) is exact too,
+  with a sliding window as well; so is PhiMoE, whose window only its model's mask carries.
+* check_no_leak passes them on its own row (no exact top-k ties in its documents).
 * MiniMax-M3's block-sparse layers and DeepSeek-V4's compressed layers are refused by
   ``enable_varlen`` in one line naming the layer.
 * Attention keywords packtune does not honour are refused by name.
@@ -20,8 +22,8 @@ from transformers import CONFIG_MAPPING
 import packtune.layers.masked as masked
 from packed_alone import compare_packed_alone, tiny
 from packtune.attention.hf import ROUTINE_KWARGS, packtune_attention_forward
-from packtune.layers import UnsupportedLayerError
-from packtune.modeling import check_no_leak, enable_varlen
+from packtune.layers import VARLEN_LAYERS, UnsupportedLayerError
+from packtune.modeling import LeakError, check_no_leak, enable_varlen
 
 DSA = dict(num_key_value_heads=4, index_topk=4)
 FAMILIES = {
@@ -56,6 +58,17 @@ def test_doge_sliding_window_stays_in_the_documents_mask():
     _needs("doge")
     logits, grads = compare_packed_alone("doge", (71, 5, 67), **FAMILIES["doge"], sliding_window=8)
     assert logits < 1e-5 and grads < 1e-4, (logits, grads)
+
+
+def test_phimoe_sliding_window_from_its_config(monkeypatch):
+    """PhiMoE's window is only in the mask its model builds from the config: packtune hands it to
+    the varlen attention. Without that form the long documents attend past the window. (Checked
+    by check_no_leak, in eval mode: in training PhiMoE's router samples its experts at random.)"""
+    _needs("phimoe")
+    assert check_no_leak(enable_varlen(tiny("phimoe", sliding_window=8))) <= 5e-5
+    monkeypatch.delitem(VARLEN_LAYERS, "PhimoeAttention")
+    with pytest.raises(LeakError, match="PhimoeForCausalLM: on a packed row of documents of 71, 5, 67"):
+        check_no_leak(enable_varlen(tiny("phimoe", sliding_window=8)))
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa", "doge"])

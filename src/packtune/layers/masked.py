@@ -5,7 +5,10 @@ instead). A few layers compute something from the mask themselves before attenti
 
 * DeepSeek sparse attention (``deepseek_v32``, ``glm_moe_dsa``): the indexer scores every key
   and keeps the top-k allowed by the mask (``attention_mask[:, 0]``: ``None`` is a TypeError);
-* Doge's dynamic mask adds a learned bias to the mask and keeps the top-k keys of it.
+* Doge's dynamic mask adds a learned bias to the mask and keeps the top-k keys of it;
+* PhiMoE's sliding window lives only in the mask its model builds (its attention passes no
+  ``sliding_window``): ``config_window_attention_forward`` hands the window to packtune's
+  attention instead.
 
 Their varlen form replaces a ``None`` mask with the block-diagonal causal mask of the packed
 row's documents (and the layer's sliding window, as transformers' mask would have it),
@@ -73,3 +76,14 @@ def mask_reading_attention_forward(module: torch.nn.Module, *args, **kwargs):
             kwargs, rows, length, hidden.device, layer_window(module)
         )
     return type(module).forward(*bound.args, **bound.kwargs)
+
+
+def config_window_attention_forward(module: torch.nn.Module, *args, **kwargs):
+    """Varlen form of an attention layer whose sliding window lives only in the mask its model
+    builds from ``config.sliding_window`` (PhiMoE): on a packed row packtune's mask is ``None``,
+    so the layer's window is handed to packtune's attention as ``sliding_window``, which the
+    varlen kernels apply within each document."""
+    window = layer_window(module)
+    if window and kwargs.get("sliding_window") is None:
+        kwargs["sliding_window"] = window
+    return type(module).forward(module, *args, **kwargs)

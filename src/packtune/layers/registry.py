@@ -52,6 +52,9 @@ VARLEN_LAYERS: dict[str, str] = {
         ),
         "packtune.layers.masked:mask_reading_attention_forward",
     ),
+    # Attention whose sliding window only the model's own mask carries (PhiMoE): the window is
+    # handed to packtune's attention instead.
+    "PhimoeAttention": "packtune.layers.masked:config_window_attention_forward",
     # Llama 4: chunked attention and NoPE temperature tuning counted per document.
     "Llama4TextAttention": "packtune.layers.llama4:llama4_attention_forward",
 }

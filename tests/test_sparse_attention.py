@@ -5,6 +5,8 @@
   so the packed row equals each document alone (logits and every gradient), with documents far
   longer than the top-k and at a large offset. Handing the indexer a plain causal mask instead
   (top-k over the whole row) fails the same comparison.
+* Kolibri 1.1's indexer (a pool of key blocks, then its top-k, sinks and local keys, counted
+  from each document's start) is exact given the documents' mask.
 * Doge's dynamic mask (a learned bias plus a top-``keep_window_size`` selection) is exact too,
   with a sliding window as well; so is PhiMoE, whose window only its model's mask carries.
 * check_no_leak passes them on its own row (no exact top-k ties in its documents).
@@ -35,6 +37,15 @@ FAMILIES = {
     # Distinct tokens (vocab > tokens): Doge's first-layer bias depends on the token only, and
     # its top-k breaks ties between equal biases by slot in the row.
     "doge": dict(keep_window_size=6, vocab_size=512),
+    # Kolibri 1.1: a sliding layer, an indexer layer (a pool of 4-key blocks, then the top-k of
+    # it, sinks and local keys) and a layer reusing its keys, values and pool.
+    "kolibri1_1": dict(
+        num_hidden_layers=3, layer_types=["sliding_attention", "indexed_attention", "indexed_attention"],
+        kv_source_layers=[0, 1, 1], index_layers=[1], mlp_only_layers=[0], mlp_only_intermediate_size=96,
+        sliding_window=8, index_num_heads=2, index_topk=4, index_pool_size=16, index_compression=4,
+        index_num_local_tokens=4, index_num_sink_tokens=2, num_local_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32,
+    ),
 }
 
 
@@ -82,7 +93,7 @@ def test_the_leak_check_passes_them(model_type):
     assert check_no_leak(model) <= 5e-5
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v32", "doge"])
+@pytest.mark.parametrize("model_type", ["deepseek_v32", "doge", "kolibri1_1"])
 def test_top_k_over_the_whole_row_is_caught(model_type, monkeypatch):
     """The comparison above can fail: a causal mask without the documents lets the indexer pick keys
     of earlier documents (and the attention must then see them)."""

@@ -5,6 +5,8 @@ instead). A few layers compute something from the mask themselves before attenti
 
 * DeepSeek sparse attention (``deepseek_v32``, ``glm_moe_dsa``): the indexer scores every key
   and keeps the top-k allowed by the mask (``attention_mask[:, 0]``: ``None`` is a TypeError);
+* Kolibri 1.1's indexer picks a pool of key blocks and then keys, counted from each query's first
+  visible key (its document's start), and refuses a ``None`` mask;
 * Doge's dynamic mask adds a learned bias to the mask and keeps the top-k keys of it;
 * PhiMoE's sliding window lives only in the mask its model builds (its attention passes no
   ``sliding_window``): ``config_window_attention_forward`` hands the window to packtune's
@@ -34,16 +36,14 @@ def _signature(cls: type) -> inspect.Signature:
 
 
 def layer_window(module: torch.nn.Module) -> int | None:
-    """The sliding window of the mask transformers would hand ``module``: its own
-    ``sliding_window`` where it keeps one (``None`` on a full-attention layer), else the config's
-    for a ``"sliding_attention"`` layer of ``layer_types``, else the config's for every layer
-    (Doge builds one sliding-window mask for all its layers when the config sets a window)."""
-    if "sliding_window" in vars(module):
-        return module.sliding_window
+    """The sliding window of the mask transformers would hand ``module``: with ``layer_types``,
+    the window of a ``"sliding_attention"`` layer and none for any other; without, the layer's own
+    ``sliding_window`` where it keeps one, else the config's (Doge builds one sliding-window mask
+    for all its layers when the config sets a window)."""
     cfg = module.config
-    window = getattr(cfg, "sliding_window", None)
+    window = getattr(module, "sliding_window", getattr(cfg, "sliding_window", None))
     kinds, index = getattr(cfg, "layer_types", None), getattr(module, "layer_idx", None)
-    if window and kinds is not None and index is not None:
+    if kinds is not None and index is not None:
         return window if kinds[index] == "sliding_attention" else None
     return window
 
@@ -69,7 +69,9 @@ def mask_reading_attention_forward(module: torch.nn.Module, *args, **kwargs):
     """Varlen form of an attention layer that reads its mask: the class's own forward, with the
     documents' causal mask where the model handed it ``None``."""
     bound = _signature(type(module)).bind(module, *args, **kwargs)
-    if bound.arguments.get("attention_mask") is None:
+    # A sliding layer without an indexer (Kolibri 1.1's) reads no mask: the varlen kernels take it.
+    plain = getattr(module, "is_sliding", False) and getattr(module, "indexer", True) is None
+    if bound.arguments.get("attention_mask") is None and not plain:
         hidden = bound.arguments["hidden_states"]
         rows, length = hidden.shape[:2]
         bound.arguments["attention_mask"] = document_causal_mask(

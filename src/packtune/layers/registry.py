@@ -44,11 +44,13 @@ VARLEN_LAYERS: dict[str, str] = {
     ),
     "OlmoHybridGatedDeltaNet": "packtune.layers.gated_delta:olmo_hybrid_gated_deltanet_forward",
     # Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
-    # indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
+    # and the Kolibri 1.1 and Qwen4-Exp (QSA) indexers, Doge's dynamic mask): they get the documents'
+    # causal mask instead of None.
     **dict.fromkeys(
         (
             "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
-            "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
+            "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention", "Kolibri1_1Attention",
+            "Qwen4ExpTextAttention",
         ),
         "packtune.layers.masked:mask_reading_attention_forward",
     ),

@@ -188,7 +188,8 @@ def tiny_config(model_type: str):
 
 
 def tiny_model_of(model_type: str, seed: int = 0) -> torch.nn.Module:
-    """``model_type``'s causal LM (its text model for multimodal types), tiny, random, fp32, CPU."""
+    """``model_type``'s causal LM (its text model for multimodal types), tiny, random, fp32, CPU;
+    parameters that initialise to one constant are randomised around it."""
     import transformers
     from transformers import AutoModelForCausalLM
 

@@ -10,9 +10,9 @@ does a model that passes ``check_no_leak`` and is not exact: the leak check was 
 
 ``NOT_EXACT`` is the one table of the types that are not exact, each with why; the refusal must be
 the one the entry names last, in parentheses (``StatefulLayerError`` or ``UnsupportedLayerError``
-from ``enable_varlen``, ``LeakError`` from ``check_no_leak``). A type in the table that turns exact fails until its entry is removed, so the
-table only shrinks. Every type builds tiny (``every_model._OVERRIDES`` where the generic sizes do
-not fit it).
+from ``enable_varlen``, ``LeakError`` from ``check_no_leak``). A type in the table that turns
+exact fails until its entry is removed, so the table only shrinks. Every type builds tiny
+(``every_model._OVERRIDES`` where the generic sizes do not fit it).
 """
 
 from __future__ import annotations

@@ -213,3 +213,51 @@ def test_a_model_loaded_with_packtune_attention_is_checked_against_sdpa():
     model.set_attn_implementation = recording
     assert check_no_leak(enable_varlen(model)) <= 1e-5
     assert seen[0] == "sdpa" and model.config._attn_implementation == "packtune_varlen"
+
+
+def test_documents_alone_get_no_packtune_keywords():
+    """The documents alone reach the layers as a user's plain unpacked call would: no boundary
+    keywords (transformers' Gated DeltaNet hands ``cu_seq_lens`` to its torch scan, which refuses
+    them), while the packed row gets them; the boundary hook is given back afterwards."""
+    model = enable_varlen(tiny_model("llama"))
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(sorted(k for k in kwargs if k.startswith(("cu_seq", "packtune")))),
+        with_kwargs=True,
+    )
+    hooks = list(model.model._forward_pre_hooks.values())
+    check_no_leak(model)
+    assert seen[0] == ["cu_seq_lens_k", "cu_seq_lens_q", "packtune_boundaries"]
+    assert seen[1:] == [[]] * len(leak_check_lengths(model))
+    assert list(model.model._forward_pre_hooks.values()) == hooks
+
+
+def test_gated_deltanet_is_checked_against_transformers_own_scan():
+    """Qwen3.5's Gated DeltaNet: each document alone runs transformers' torch scan (which refuses
+    packed boundaries), the packed row packtune's; they agree."""
+    cfg = AutoConfig.for_model(
+        "qwen3_5_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16,
+    )
+    torch.manual_seed(0)
+    model = enable_varlen(AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
+    assert check_no_leak(model) <= modeling.GRAD_TOLERANCE[torch.float32]
+
+
+def test_documents_draw_distinct_ordinary_tokens():
+    """Within each document no token repeats and none is special (padding, bos, eos), where the
+    vocabulary allows: a top-k over exactly tied scores would pick by slot in the row."""
+    model = tiny_model("llama", pad_token_id=0, bos_token_id=1, eos_token_id=[2, 5])
+    lengths = leak_check_lengths(model)
+    ids = modeling.leak_check_ids(model, lengths)
+    assert ids.shape == (1, sum(lengths))
+    for doc in ids[0].split(list(lengths)):
+        assert len(set(doc.tolist())) == len(doc)
+    assert not set(ids[0].tolist()) & {0, 1, 2, 5}
+    assert int(ids.max()) < model.config.vocab_size
+    # A vocabulary smaller than a document: tokens repeat, still none special.
+    small = tiny_model("llama", vocab_size=40, pad_token_id=0)
+    ids = modeling.leak_check_ids(small, (71, 5, 67))
+    assert not (ids == 0).any() and int(ids.max()) < 40

@@ -44,14 +44,19 @@ VARLEN_LAYERS: dict[str, str] = {
     ),
     "OlmoHybridGatedDeltaNet": "packtune.layers.gated_delta:olmo_hybrid_gated_deltanet_forward",
     # Attention layers whose own code reads the mask before attending (DeepSeek sparse attention's
-    # indexer, Doge's dynamic mask): they get the documents' causal mask instead of None.
+    # and the Kolibri 1.1 and Qwen4-Exp (QSA) indexers, Doge's dynamic mask): they get the documents'
+    # causal mask instead of None.
     **dict.fromkeys(
         (
             "DeepseekV32Attention", "GlmMoeDsaAttention", "HYV4Attention", "MistralLarge4TextAttention",
-            "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention",
+            "AXK2Attention", "Dots3NoteTextAttention", "DogeAttention", "Kolibri1_1Attention",
+            "Qwen4ExpTextAttention",
         ),
         "packtune.layers.masked:mask_reading_attention_forward",
     ),
+    # Attention whose sliding window only the model's own mask carries (PhiMoE): the window is
+    # handed to packtune's attention instead.
+    "PhimoeAttention": "packtune.layers.masked:config_window_attention_forward",
     # Llama 4: chunked attention and NoPE temperature tuning counted per document.
     "Llama4TextAttention": "packtune.layers.llama4:llama4_attention_forward",
 }

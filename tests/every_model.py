@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from helpers import randomize_constant_parameters
 
 from packtune.modeling import GRAD_TOLERANCE as _GRAD_TOLERANCE, TOLERANCE as _TOLERANCE
 
@@ -207,15 +208,7 @@ def tiny_model_of(model_type: str, seed: int = 0) -> torch.nn.Module:
         raise AssertionError(f"{model_type}: the tiny config builds {size:,} parameters; shrink it in _OVERRIDES")
     torch.manual_seed(seed)
     model = build()
-    with torch.no_grad():
-        # Random values for parameters initialised to one constant (norms aside), around it and
-        # at its scale: a learned per-head value at 0 (Doge's dynamic-mask A, attention sinks)
-        # hides what it drives, and Doge's top-k over its then equal biases would break the tie
-        # by slot in the row; scales kept small (nGPT-style 0.0177 x 56) stay small.
-        for name, p in model.named_parameters():
-            if p.dim() <= 1 and p.numel() > 1 and bool((p == p.flatten()[0]).all()) and "norm" not in name:
-                value = float(p.flatten()[0])
-                p.normal_(value, 0.5 * (abs(value) or 1.0))
+    randomize_constant_parameters(model)
     return model
 
 

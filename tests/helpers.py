@@ -269,3 +269,15 @@ def assert_ran(rc: int, out: str, what: str) -> None:
     """``what`` exited 0 and did not abort at exit."""
     assert rc == 0, f"{what} exited {rc}:\n{out[-6000:]}"
     assert "terminate called" not in out, f"{what} aborted at exit:\n{out[-3000:]}"
+
+
+def randomize_constant_parameters(model: torch.nn.Module) -> None:
+    """Random values for a model's parameters that initialise to one constant (norms aside), around
+    it and at its scale: a learned per-head value at 0 (Doge's dynamic-mask A, attention sinks)
+    hides what it drives, and a wrong or missing gradient of it; Doge's top-k over equal biases
+    would break the tie by slot in the row. Scales kept small (nGPT-style 0.0177 x 56) stay small."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 and p.numel() > 1 and bool((p == p.flatten()[0]).all()) and "norm" not in name:
+                value = float(p.flatten()[0])
+                p.normal_(value, 0.5 * (abs(value) or 1.0))

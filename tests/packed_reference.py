@@ -23,6 +23,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from helpers import randomize_constant_parameters
 
 import packtune  # noqa: F401  (registers "packtune_varlen")
 from packtune.modeling import enable_varlen
@@ -66,12 +67,7 @@ def tiny(model_type: str, reference_attn: str = "eager", seed: int = 0, **overri
     """A tiny fp32 causal LM of ``model_type`` with random weights (seeded), no attention dropout."""
     model = build(model_type, seed, torch.float32, reference_attn,
                   **{**_TINY, "max_position_embeddings": 512, "attention_dropout": 0.0, **overrides})
-    with torch.no_grad():
-        # Random non-zero values for parameters initialised to constants (sinks start at 0 in some
-        # families): a zero sink would hide a wrong sink gradient or a missing sink.
-        for name, p in model.named_parameters():
-            if p.dim() <= 1 and p.numel() > 0 and bool((p == p.flatten()[0]).all()) and "norm" not in name:
-                p.normal_(0.0, 0.5)
+    randomize_constant_parameters(model)
     return model
 
 

@@ -5,7 +5,8 @@ the reference loaded from that folder (``ref_model``), is the baseline; the same
 must log the same loss, gradient norm, pairs and TRL metrics at both steps:
 
 * with the frozen copy of the starting weights (``ref_model = None``), the same weights;
-* with the reference's log-probs precomputed (``precompute_ref_log_probs = True``);
+* with the reference's log-probs precomputed (``precompute_ref_log_probs = True``), and loaded
+  from the data cache by a second run;
 * on 2 processes under DDP, ZeRO-2, ZeRO-3 and FSDP2 (1 accumulation step each), and with
   ``sequence_parallel_size = 2`` (one data-parallel group of 2 ranks, 2 accumulation steps).
 
@@ -51,10 +52,19 @@ def _options(folder: str, *extra: str) -> list[str]:
             "lr=1e-2", "warmup_ratio=0.0", *extra]
 
 
-def _train(work: str, options: list[str], engine: list[str] = (), nproc: int | None = None, cache: str = "") -> list[dict]:
+def _run(work: str, options: list[str], engine: list[str] = (), nproc: int | None = None,
+         cache: str = "") -> tuple[int, str]:
     cmd = [sys.executable, "-m", "packtune", "train", CONFIG, "--work-dir", work, *engine, "--cfg-options", *options]
     rc, out, _ = run_command(cmd, launch_env(cache, **({"NPROC_PER_NODE": str(nproc)} if nproc else {})))
-    assert_ran(rc, out, " ".join(cmd[3:]))
+    return rc, out
+
+
+def _train(work: str, options: list[str], engine: list[str] = (), nproc: int | None = None, cache: str = "",
+           log: list[str] | None = None) -> list[dict]:
+    rc, out = _run(work, options, engine, nproc, cache)
+    assert_ran(rc, out, " ".join(options))
+    if log is not None:
+        log.append(out)
     return read_metrics(work)
 
 
@@ -79,10 +89,20 @@ def baseline(folder, cache, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["frozen_copy", "precomputed"])
-def test_reference_variants_match(variant, baseline, folder, cache, tmp_path):
-    extra = ["precompute_ref_log_probs=True"] if variant == "precomputed" else []
-    _same(_train(str(tmp_path), _options(folder, "accumulative_counts=2", *extra), cache=cache), baseline)
+def test_frozen_copy_matches(baseline, folder, cache, tmp_path):
+    _same(_train(str(tmp_path), _options(folder, "accumulative_counts=2"), cache=cache), baseline)
+
+
+@pytest.mark.slow
+def test_precomputed_reference_matches_and_is_cached(baseline, folder, cache, tmp_path):
+    """The first run computes the reference's log-probs and caches them with the pairs; a second
+    run (another work dir, the same pairs and starting weights) loads them: the same steps."""
+    options = _options(folder, "accumulative_counts=2", "precompute_ref_log_probs=True")
+    logs: list[str] = []
+    for run in ("first", "second"):
+        _same(_train(str(tmp_path / run), options, cache=cache, log=logs), baseline)
+    assert "reference log-probs of 48 pairs precomputed" in logs[0], logs[0][-3000:]
+    assert "reference log-probs of 48 pairs loaded from the data cache" in logs[1], logs[1][-3000:]
 
 
 ENGINES = {

@@ -3,7 +3,9 @@
 * A reward checkpoint (full, and LoRA merged: its ``score`` head trains in full) converts to a
   folder that a fresh Python without packtune loads with ``AutoModelForSequenceClassification``;
   on a right-padded batch the folder's rewards equal the scores training read from the packed
-  row, at each completion's end-of-turn.
+  row, at each completion's end-of-turn. Unmerged, a reward LoRA adapter is refused in one line
+  naming the fix (``--merge``): it would need a sequence-classification base that no published
+  checkpoint is.
 * A DPO checkpoint converts like an SFT one: the folder holds the trained weights.
 """
 
@@ -19,6 +21,7 @@ import torch
 from helpers import assert_ran, launch_env, run_command
 
 from packtune.cli.main import main
+from packtune.convert import REWARD_ADAPTER_MERGE_ONLY
 
 CONFIG = "tiny_mistral_dpo_demo"
 COMMON = ["max_steps=2", "log_steps=1", "save_steps=100", "max_samples=32", "max_length=128", "lr=1e-2"]
@@ -71,12 +74,18 @@ def _trained_scores(options: list[str], pth: str):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora_merged"])
-def test_reward_checkpoint_loads_without_packtune(lora, tmp_path, monkeypatch):
+def test_reward_checkpoint_loads_without_packtune(lora, tmp_path, monkeypatch, capsys):
     cache = str(tmp_path / "cache")
     monkeypatch.setenv("PACKTUNE_CACHE", cache)
     options = [*COMMON, *REWARD, *(["lora={'r': 4, 'dropout': 0.0}"] if lora else [])]
     pth = _train(str(tmp_path / "work"), options, cache)
     folder = str(tmp_path / "hf")
+    if lora:  # unmerged, the adapter is refused in one line that names the fix
+        capsys.readouterr()
+        assert main(["convert", "pth_to_hf", CONFIG, pth, str(tmp_path / "adapter"), "--cfg-options", *options]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"packtune convert: error: {REWARD_ADAPTER_MERGE_ONLY}" and "\n" not in err
+        assert err.endswith("add --merge") and not (tmp_path / "adapter").exists()
     assert main(["convert", "pth_to_hf", CONFIG, pth, folder, *(["--merge"] if lora else []), "--cfg-options", *options]) == 0
     assert json.load(open(os.path.join(folder, "config.json")))["architectures"] == ["MistralForSequenceClassification"]
     seqs, want = _trained_scores(options, pth)

@@ -61,7 +61,7 @@ def test_bad_rows_are_counted_per_reason(tmp_path, tok):
                    {"prompt": "a", "chosen": "", "rejected": "c"}]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ds = build_preference_dataset(DataOptions(dataset=str(path), max_length=64, prompt_template="mistral"), tok)
+    ds = build_preference_dataset(DataOptions(dataset=str(path), max_length=64, prompt_template="mistral", data_cache_dir=str(tmp_path)), tok)
     r = ds.report
     assert r.samples_read == 8 and r.kept == 5 and r.packed == 5 and r.documents == 10
     assert r.skipped == {"missing_field": 1, "identical_completions": 1, "empty_reply": 1}
@@ -72,12 +72,12 @@ def test_overflow_every_pair_accounted_for(tmp_path, tok):
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for overflow, packed in (("truncate", 3), ("drop", 1)):
-        ds = build_preference_dataset(DataOptions(dataset=str(path), max_length=48, prompt_template="mistral",
+        ds = build_preference_dataset(DataOptions(dataset=str(path), max_length=48, prompt_template="mistral", data_cache_dir=str(tmp_path),
                                                   overflow=overflow), tok)
         assert ds.report.packed == packed and ds.report.kept == ds.report.packed + sum(ds.report.dropped.values())
         assert all(int(ds[p]["cu_seqlens"][-1]) <= 48 for p in range(len(ds)))
     with pytest.raises(ValueError, match="overflow = 'error'"):
-        build_preference_dataset(DataOptions(dataset=str(path), max_length=48, prompt_template="mistral",
+        build_preference_dataset(DataOptions(dataset=str(path), max_length=48, prompt_template="mistral", data_cache_dir=str(tmp_path),
                                              overflow="error"), tok)
     assert truncate_pair(30, 10, 24) == (14, 10)
 

@@ -6,7 +6,8 @@ implementation, the tokenizer carries the chat template used in training, and th
 config stops at the end-of-turn token.
 
 A LoRA run gives a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``),
-or with ``merge=True`` a plain model with the adapter merged in. When the base was a
+or with ``merge=True`` a plain model with the adapter merged in (a reward model's adapter converts
+merged only: ``REWARD_ADAPTER_MERGE_ONLY``). When the base was a
 random-init ``model_config`` there is no published base to point at, so the base weights are
 saved beside the adapter in ``base_model/``.
 
@@ -29,6 +30,10 @@ from packtune.ports.api import load_model, port_for, save_model
 from packtune.recipe.checkpoint import load_trainable_state
 from packtune.recipe.model_setup import DTYPES, apply_lora, load_base_model
 
+REWARD_ADAPTER_MERGE_ONLY = (
+    "a reward model's LoRA adapter converts merged only: unmerged, it would need a sequence-classification base "
+    "with one label and the converted pad token, which no published checkpoint is; add --merge"
+)
 ADAPTER_NATIVE_ONLY = (
     "a LoRA adapter on separate q/k/v cannot be expressed on the {label} checkpoint's fused layout, so adapters "
     "are exported for the native layout only (load its base with packtune.load_model); add --merge for a full "
@@ -124,6 +129,8 @@ def pth_to_hf(
     ``format``: ``"original"`` or ``"native"`` (default: original for a ported family).
     """
     port = ported(settings)
+    if settings.method == "reward" and settings.lora and not merge:
+        raise ValueError(REWARD_ADAPTER_MERGE_ONLY)
     if settings.lora and not merge and port is not None and format == "original":
         raise ValueError(ADAPTER_NATIVE_ONLY.format(label=port.label))
     format = format or ("original" if port is not None else "native")

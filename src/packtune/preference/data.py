@@ -23,20 +23,23 @@ split: its two sequences sit one after the other in the same pack, positions res
 
 from __future__ import annotations
 
+import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from packtune.data.cache import DataCache, cache_key
 from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.report import DataReport
-from packtune.data.sources import entry_name, iter_batches, parse_json_line, resolve
+from packtune.data.sources import LocalFile, entry_name, iter_batches, parse_json_line, resolve
 from packtune.data.templates import Segment, Template, get_template, tidy
 from packtune.data.tokenize import _fast_backend, encode_segments
-from packtune.data.tokenizer_loader import tokenizer_info
+from packtune.data.tokenizer_loader import tokenizer_fingerprint, tokenizer_info
 from packtune.data.turns import ReplyNotFound
 from packtune.packing.chunks import IGNORE_INDEX
 from packtune.packing.packs import PackLayout, TokenizedSamples
@@ -224,7 +227,8 @@ class PairDataset:
     sequences, chosen then rejected."""
 
     def __init__(self, samples: TokenizedSamples, layout: PackLayout, report: DataReport, margins: np.ndarray,
-                 row_ids: np.ndarray, seed: int = 0, tokenizer_info: dict | None = None, template: str = "") -> None:
+                 row_ids: np.ndarray, seed: int = 0, tokenizer_info: dict | None = None, template: str = "",
+                 cache_key: str | None = None, cache_dir: str | None = None) -> None:
         self.samples = samples
         self.layout = layout
         self.report = report
@@ -233,6 +237,8 @@ class PairDataset:
         self.seed = seed
         self.tokenizer_info = tokenizer_info or {}
         self.template = template
+        self.cache_key = cache_key  # of the pairs and their layout; None: not cached (see build_preference_dataset)
+        self.cache_dir = cache_dir
         self.ref_logps: np.ndarray | None = None  # (2 * pairs,), set by precompute_ref_log_probs
 
     def __len__(self) -> int:
@@ -323,14 +329,24 @@ def layout_pairs(samples: TokenizedSamples, max_length: int, strategy: str, over
     return layout, counts
 
 
+TOK_ARRAYS = ("input_ids", "labels", "offsets", "margins", "row_ids")
+PACK_ARRAYS = ("doc_start", "doc_end", "pack_offsets")
+
+
 def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
-    """Read, tokenize and pack the preference pairs of ``options`` (a ``DataOptions``).
+    """Read, tokenize and pack (or reuse from the cache) the preference pairs of ``options``.
+
+    Cached on disk like SFT data (``packtune.data.cache``), in two levels: ``pairtok-KEY`` (the
+    tokenized pairs, their margins and rows; KEY hashes the data, tokenizer, template, system
+    prompt, ``train_on_reasoning``, split and ``max_samples``) and ``pairpack-KEY`` (the layout
+    and the report; KEY adds ``max_length``, strategy, overflow, ``shuffle_before_pack`` and
+    ``seed``). The dataset's ``cache_key`` is the second KEY: precomputed reference log-probs
+    are stored beside it (``packtune.preference.model.precompute_reference``).
 
     Bad rows are counted per reason (``on_bad_row = 'skip'``) or raise ``DataError`` naming
     the first (``'error'``); every pair is accounted for in the report: ``samples_read ==
     kept + skipped`` and ``kept == packed + dropped`` count pairs.
     """
-    t0 = time.perf_counter()
     strategy = options.pack_strategy
     if strategy not in ("bfd", "sequential"):
         raise DataError(f"pack_strategy {strategy!r} splits samples; preference pairs pack with 'bfd' or 'sequential'")
@@ -338,7 +354,54 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         template = get_template(options.prompt_template, tokenizer)
     except ValueError as exc:
         raise DataError(str(exc)) from None
+    cache = DataCache(options.data_cache_dir)
     parts = resolve(options.dataset, options.dataset_split, streaming=options.dataset_streaming)
+    data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
+    if None in data_fp:
+        warnings.warn("a dataset object cannot be fingerprinted (see packtune.data.sources.dataset_fingerprint), "
+                      "so its pairs are not cached: every run tokenizes them again", stacklevel=2)
+    tok_key = None if None in data_fp else cache_key({
+        "kind": "preference pairs", "data": data_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template.name, "stop": list(template.stop), "system_prompt": options.system_prompt,
+        "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
+        "max_samples": options.max_samples,
+    })
+    hit = cache.load("pairtok", tok_key, TOK_ARRAYS) if tok_key is not None else None
+    tok_hit = hit is not None
+    if hit is None:
+        hit = _tokenize_pairs(parts, options, tokenizer, template)
+        if tok_key is not None:
+            cache.save("pairtok", tok_key, *hit)
+    arrays, tok_meta = hit
+    samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
+    pack_key = None if tok_key is None else cache_key({
+        "tokenized": tok_key, "max_length": options.max_length, "strategy": strategy, "overflow": options.overflow,
+        "shuffle": options.shuffle_before_pack, "seed": options.seed})
+    hit = cache.load("pairpack", pack_key, PACK_ARRAYS) if pack_key is not None else None
+    if hit is None:
+        layout, report = _pack_pairs(samples, tok_meta, options, strategy)
+        report.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
+        report.check()
+        if pack_key is not None:
+            cache.save("pairpack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
+                                              "pack_offsets": layout.pack_offsets}, report.as_dict())
+    else:
+        layout = PackLayout(hit[0]["doc_start"], hit[0]["doc_end"], hit[0]["pack_offsets"], options.max_length)
+        report = DataReport.from_dict(hit[1])
+    names = [options.dataset] if isinstance(options.dataset, str) else list(options.dataset)
+    report.dataset = ", ".join(map(entry_name, names))
+    report.tokenize_cache_hit = tok_hit
+    report.cache_hit = tok_hit and hit is not None
+    report.cache_dir = str(cache.dir)
+    return PairDataset(samples, layout, report, arrays["margins"], arrays["row_ids"], seed=options.seed,
+                       tokenizer_info=tokenizer_info(tokenizer), template=template.name,
+                       cache_key=pack_key, cache_dir=options.data_cache_dir)
+
+
+def _tokenize_pairs(parts: list, options: Any, tokenizer: Any, template: Template) -> tuple[dict[str, np.ndarray], dict]:
+    """Every row of ``parts`` as tokenized pairs: the arrays of ``TOK_ARRAYS`` and the meta
+    (rows read, bad rows per reason with an example each, time)."""
+    t0 = time.perf_counter()
     encoder = PairEncoder(tokenizer, template, options.system_prompt, options.train_on_reasoning)
     ids, labels, lengths, margins, row_ids = [], [], [], [], []
     skipped: dict[str, int] = {}
@@ -348,8 +411,6 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         rows = []
         for i, item in enumerate(batch.items):
             if batch.parse:
-                import json
-
                 try:
                     item = json.loads(item)
                 except json.JSONDecodeError:
@@ -371,18 +432,27 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         read += len(rows)
     cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
     all_lengths = cat(lengths, np.int64)
-    samples = TokenizedSamples(cat(ids, np.int32), cat(labels, np.int32), np.concatenate([[0], np.cumsum(all_lengths)]))
     seconds = time.perf_counter() - t0
+    arrays = {"input_ids": cat(ids, np.int32), "labels": cat(labels, np.int32),
+              "offsets": np.concatenate([[0], np.cumsum(all_lengths)]).astype(np.int64),
+              "margins": cat(margins, np.float64), "row_ids": cat(row_ids, np.int64)}
+    meta = {"read": read, "skipped": skipped, "examples": examples, "seconds": seconds,
+            "tokens_per_s": float(all_lengths.sum()) / max(seconds, 1e-9), "template": template.name}
+    return arrays, meta
+
+
+def _pack_pairs(samples: TokenizedSamples, tok_meta: dict, options: Any, strategy: str) -> tuple[PackLayout, DataReport]:
+    """The layout of whole pairs (``layout_pairs``) and the data report."""
     pairs = len(samples) // 2
     order = np.random.default_rng(options.seed).permutation(pairs) if options.shuffle_before_pack else None
     layout, counts = layout_pairs(samples, options.max_length, strategy, options.overflow, order)
+    all_lengths = np.diff(np.asarray(samples.offsets))
     pair_len = all_lengths.reshape(-1, 2).sum(axis=1) if pairs else np.zeros(0, np.int64)
     tokens_packed = int((layout.doc_end - layout.doc_start).sum())
+    read = tok_meta["read"]
     report = DataReport(
-        dataset=", ".join(map(entry_name, [options.dataset] if isinstance(options.dataset, str) else list(options.dataset))),
-        formats={"preference": read}, template=template.name,
-        tokenizer=str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__,
-        samples_read=read, skipped=skipped, skip_examples=examples, kept=pairs,
+        formats={"preference": read}, template=tok_meta["template"],
+        samples_read=read, skipped=dict(tok_meta["skipped"]), skip_examples=dict(tok_meta["examples"]), kept=pairs,
         tokens=int(all_lengths.sum()), trained_tokens=counts["trained_tokens"], truncated=counts["truncated"],
         truncated_tokens=counts["truncated_tokens"], dropped=counts["dropped"], packed=counts["packed"],
         documents=2 * counts["packed"], packs=len(layout), packed_tokens=tokens_packed, max_length=options.max_length,
@@ -392,11 +462,9 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         min_packs=-(-tokens_packed // options.max_length),
         length_min=int(pair_len.min()) if pairs else 0, length_mean=round(float(pair_len.mean()), 2) if pairs else 0.0,
         length_max=int(pair_len.max()) if pairs else 0,
-        tokenize_seconds=round(seconds, 3), tokenize_tokens_per_s=round(all_lengths.sum() / max(seconds, 1e-9), 1),
+        tokenize_seconds=round(tok_meta["seconds"], 3), tokenize_tokens_per_s=round(tok_meta["tokens_per_s"], 1),
     )
-    report.check()
-    return PairDataset(samples, layout, report, cat(margins, np.float64), cat(row_ids, np.int64), seed=options.seed,
-                       tokenizer_info=tokenizer_info(tokenizer), template=template.name)
+    return layout, report
 
 
 def dataset_builder(method: str) -> Callable[[Any, Any], Any]:

@@ -5,7 +5,8 @@
   (its backbone, and a new ``score`` head initialised as transformers does, from ``seed``).
 * ``make_reference``: the DPO reference's log-prob sums on the same packed layout and kernel:
   the base with the adapter disabled (LoRA), a frozen copy of the starting weights, or
-  ``ref_model`` loaded with ``load_model``; ``precompute_reference`` runs it once over the data.
+  ``ref_model`` loaded with ``load_model``; ``precompute_reference`` runs it once over the data
+  and caches its log-probs beside the pairs, keyed by the reference's ``weights_fingerprint``.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import itertools
+import json
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from packtune.config.settings import Settings
 from packtune.modeling import check_no_leak, transformers_model
@@ -103,9 +108,21 @@ def check_same_vocabulary(policy_tokenizer, ref_path: str, ref_model: torch.nn.M
                          "a reference must share the policy's tokenizer")
 
 
+class Reference:
+    """The DPO reference, ``reference(shard, layout) -> sums`` (``fn``), and the module whose
+    weights it runs (``module``; names holding ``skip`` are not the reference's: a disabled
+    adapter), for ``weights_fingerprint``."""
+
+    def __init__(self, fn: Callable, module: torch.nn.Module, skip: str | None = None) -> None:
+        self.fn, self.module, self.skip = fn, module, skip
+
+    def __call__(self, mb, layout) -> torch.Tensor:
+        return self.fn(mb, layout)
+
+
 def make_reference(settings: Settings, engine, model_before_engine: torch.nn.Module | None, tokenizer,
                    device: torch.device, dtype: torch.dtype, build_model: Callable[..., torch.nn.Module], sp=None):
-    """The DPO reference as ``reference(shard, layout) -> sums`` (``packtune.preference.step``).
+    """The DPO reference: a ``Reference``, ``reference(shard, layout) -> sums`` (``packtune.preference.step``).
 
     ``model_before_engine``: a copy of the policy as built, before an engine wrapped it (the
     frozen reference of a full fine-tune); ``None`` otherwise. ``build_model``: the recipe's
@@ -129,7 +146,7 @@ def make_reference(settings: Settings, engine, model_before_engine: torch.nn.Mod
         def by_adapter(mb, layout):
             with torch.no_grad(), engine.unwrapped().disable_adapter():
                 return sequence_scores(engine.model, mb, layout, objective, dtype, settings.loss_chunk_size, None, sp)
-        return by_adapter
+        return Reference(by_adapter, engine.unwrapped(), skip="lora_")
     else:
         if model_before_engine is None or any(p.is_meta for p in model_before_engine.parameters()):
             raise SetupError("the frozen reference copies the starting weights, which this engine builds sharded; "
@@ -139,7 +156,7 @@ def make_reference(settings: Settings, engine, model_before_engine: torch.nn.Mod
     def by_model(mb, layout):
         with torch.no_grad():
             return sequence_scores(module, mb, layout, objective, dtype, settings.loss_chunk_size, None, sp)
-    return by_model
+    return Reference(by_model, module)
 
 
 @contextlib.contextmanager
@@ -163,11 +180,89 @@ def _frozen(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def precompute_reference(dataset, reference, collate, device: torch.device) -> None:
-    """Every pair's reference log-probs, computed once pack by pack (``dataset.ref_logps``)."""
+#: Of a cache entry of reference log-probs (``DataCache`` kind ``reflogps``).
+REF_ARRAYS = ("ref_logps",)
+
+
+def reference_cache_parts(settings: Settings, dtype: torch.dtype, device: torch.device) -> dict:
+    """What, besides the pairs and the reference's weights, changes the reference's log-probs:
+    the compute dtype, the device's kernels, the attention, the head's chunks, the row's cut."""
+    return {"dtype": str(dtype), "device": device.type, "use_varlen_attn": settings.use_varlen_attn,
+            "attn_backend": settings.attn_backend, "loss_chunk_size": settings.loss_chunk_size,
+            "sequence_parallel_size": settings.sequence_parallel_size}
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a weight: a ZeRO-3 partition, an FSDP2 shard, or the tensor."""
+    if hasattr(t, "ds_tensor"):
+        return t.ds_tensor
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def weights_fingerprint(module: torch.nn.Module, skip: str | None = None) -> str:
+    """A hash of ``module``'s config and of every weight's name, dtype, shape and bytes (those
+    whose name holds ``skip`` left out). Under a sharding engine each rank hashes its shards and
+    the ranks' hashes are combined, so every rank returns the same fingerprint.
+
+    >>> a = torch.nn.Linear(2, 2); b = copy.deepcopy(a)
+    >>> weights_fingerprint(a) == weights_fingerprint(b)
+    True
+    >>> with torch.no_grad(): _ = b.bias.add_(1e-6)
+    >>> weights_fingerprint(a) == weights_fingerprint(b)
+    False
+    """
+    h = hashlib.blake2b(digest_size=16)
+    config = getattr(transformers_model(module), "config", None)
+    if config is not None:
+        h.update(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if skip is not None and skip in name:
+            continue
+        local = _local(t).detach()
+        h.update(f"{name} {local.dtype} {tuple(local.shape)}".encode())
+        h.update(local.reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    digest = h.hexdigest()
+    if _distributed():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, digest)
+        if len(set(every)) > 1:  # sharded: the ranks' parts together
+            digest = hashlib.blake2b(" ".join(every).encode(), digest_size=16).hexdigest()
+    return digest
+
+
+def precompute_reference(dataset, reference, collate, device: torch.device, key_parts: dict | None = None) -> bool:
+    """Every pair's reference log-probs (``dataset.ref_logps``), computed once pack by pack.
+
+    With ``key_parts`` (``reference_cache_parts``), a cached dataset (``dataset.cache_key``)
+    and a ``Reference``, they are cached beside the pairs (``DataCache`` kind ``reflogps``),
+    keyed by the pairs and their layout, the reference's ``weights_fingerprint`` and
+    ``key_parts``: a later run on the same pairs and reference loads them, another reference
+    never does. Every rank loads or every rank computes (a sharded reference computes in step);
+    the main rank writes. Returns whether they came from the cache."""
+    from packtune.data.cache import DataCache, cache_key
     from packtune.preference.step import row_layout
 
-    out = np.zeros(2 * int(dataset.margins.size), np.float64)
+    pairs = int(dataset.margins.size)
+    cache = key = None
+    module = getattr(reference, "module", None)
+    if key_parts is not None and getattr(dataset, "cache_key", None) is not None and module is not None:
+        cache = DataCache(dataset.cache_dir)
+        key = cache_key({"pairs": dataset.cache_key, "reference": weights_fingerprint(module, reference.skip),
+                         **key_parts})
+        hit = cache.load("reflogps", key, REF_ARRAYS)
+        found = hit is not None and hit[0]["ref_logps"].shape == (2 * pairs,)
+        if _distributed():
+            flag = torch.tensor([int(found)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            found = bool(flag.item())
+        if found:
+            dataset.ref_logps = np.asarray(hit[0]["ref_logps"])
+            return True
+    out = np.zeros(2 * pairs, np.float64)
     for p in range(len(dataset)):
         batch = collate([dataset[p]]).to(device)
         if not batch.pairs:
@@ -176,3 +271,6 @@ def precompute_reference(dataset, reference, collate, device: torch.device) -> N
         ids = dataset.pair_ids(p)
         out.reshape(-1, 2)[ids] = sums.double().cpu().numpy().reshape(-1, 2)
     dataset.ref_logps = out
+    if key is not None and (not _distributed() or dist.get_rank() == 0):
+        cache.save("reflogps", key, {"ref_logps": out}, {"pairs": pairs, "dataset": dataset.cache_key, **key_parts})
+    return False

@@ -293,7 +293,7 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
     metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
     objective = reference = None
     if settings.method != "sft":
-        from packtune.preference.model import make_reference, precompute_reference
+        from packtune.preference.model import make_reference, precompute_reference, reference_cache_parts
         from packtune.preference.objective import Objective
 
         objective = Objective.from_settings(settings)
@@ -301,9 +301,11 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
             reference = make_reference(settings, engine, frozen, tokenizer, env.device, dtype, build_model, sp)
             del frozen
             if settings.precompute_ref_log_probs:
-                precompute_reference(dataset, reference, lambda packs: _collate_packs(packs, settings, pad_id), env.device)
+                cached = precompute_reference(dataset, reference, lambda packs: _collate_packs(packs, settings, pad_id),
+                                              env.device, reference_cache_parts(settings, dtype, env.device))
                 reference = None
-                log.info("reference log-probs precomputed for %d pairs", dataset.margins.size)
+                log.info("reference log-probs of %d pairs %s", dataset.margins.size,
+                         "loaded from the data cache" if cached else "precomputed")
     log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
 
     # --- loop ---------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import numpy as np
 from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.report import DataReport
-from packtune.data.sources import entry_name, iter_batches, parse_json_line, resolve
+from packtune.data.sources import describe_dataset, iter_batches, parse_json_line, resolve
 from packtune.data.templates import Segment, Template, get_template, tidy
 from packtune.data.tokenize import _fast_backend, encode_segments
 from packtune.data.tokenizer_loader import tokenizer_info
@@ -378,11 +378,10 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
     layout, counts = layout_pairs(samples, options.max_length, strategy, options.overflow, order)
     pair_len = all_lengths.reshape(-1, 2).sum(axis=1) if pairs else np.zeros(0, np.int64)
     tokens_packed = int((layout.doc_end - layout.doc_start).sum())
+    reading = {"read": read, "skipped": skipped, "examples": examples, "formats": {"preference": read},
+               "seconds": seconds, "tokens_per_s": all_lengths.sum() / max(seconds, 1e-9), "template": template.name}
     report = DataReport(
-        dataset=", ".join(map(entry_name, [options.dataset] if isinstance(options.dataset, str) else list(options.dataset))),
-        formats={"preference": read}, template=template.name,
-        tokenizer=str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__,
-        samples_read=read, skipped=skipped, skip_examples=examples, kept=pairs,
+        kept=pairs,
         tokens=int(all_lengths.sum()), trained_tokens=counts["trained_tokens"], truncated=counts["truncated"],
         truncated_tokens=counts["truncated_tokens"], dropped=counts["dropped"], packed=counts["packed"],
         documents=2 * counts["packed"], packs=len(layout), packed_tokens=tokens_packed, max_length=options.max_length,
@@ -392,8 +391,7 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         min_packs=-(-tokens_packed // options.max_length),
         length_min=int(pair_len.min()) if pairs else 0, length_mean=round(float(pair_len.mean()), 2) if pairs else 0.0,
         length_max=int(pair_len.max()) if pairs else 0,
-        tokenize_seconds=round(seconds, 3), tokenize_tokens_per_s=round(all_lengths.sum() / max(seconds, 1e-9), 1),
-    )
+    ).add_reading(reading, tokenizer, describe_dataset(options.dataset, options.dataset_split))
     report.check()
     return PairDataset(samples, layout, report, cat(margins, np.float64), cat(row_ids, np.int64), seed=options.seed,
                        tokenizer_info=tokenizer_info(tokenizer), template=template.name)

@@ -129,9 +129,7 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
     (arrays, tok_meta), tok_hit = _tokenized(cache, tok_key, parts, options, tokenizer, template)
     samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
     row_ids = arrays["row_ids"]
-    fmts = [f for f, n in tok_meta["formats"].items() if n]
-    strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
-    template_name = "none (raw text)" if strategy == "concat" and fmts == ["text"] else tok_meta["template"]
+    strategy, template_name = _strategy(options, tok_meta["formats"], tok_meta["template"])
     name = describe_dataset(options.dataset, options.dataset_split)
 
     def pack() -> tuple[PackLayout, DataReport]:
@@ -145,6 +143,14 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
     report.cache_dir = str(cache.dir)
     return PackedDataset(samples, layout, report, row_ids=row_ids, options=options,
                          tokenizer_info=tokenizer_info(tokenizer), template=template.name)
+
+
+def _strategy(options: DataOptions, formats: dict[str, int], template: str) -> tuple[str, str]:
+    """The packing strategy for rows of these ``formats`` (raw text is concatenated) and the
+    template as the report names it."""
+    fmts = [f for f, n in formats.items() if n]
+    strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
+    return strategy, "none (raw text)" if strategy == "concat" and fmts == ["text"] else template
 
 
 def _tokenized(cache: DataCache, key: str | None, parts: list[Part], options: DataOptions, tokenizer: Any,

@@ -78,7 +78,8 @@ class DataReport:
         if self.samples_read != self.kept + self.skipped_total or self.kept != self.packed + self.dropped_total:
             raise AssertionError(f"the data report's counts do not add up: {self}")
 
-    def add_reading(self, meta: dict[str, Any], tokenizer: Any, dataset: str, template: str | None = None) -> DataReport:
+    def add_reading(self, meta: dict[str, Any], tokenizer: Any, dataset: str,
+                    template: str | None = None) -> DataReport:
         """Fill in what reading and tokenizing the rows did, from its record ``meta`` (a
         tokenized cache entry's meta: ``read``, ``skipped``, ``examples``, ``formats``,
         ``seconds``, ``tokens_per_s``, ``num_proc``, ``template``), the tokenizer's name and

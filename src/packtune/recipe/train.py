@@ -1,4 +1,4 @@
-"""The training recipe: setup, loop, save, cleanup, as named steps (``_setup``, ``_loop``, ``_finish``; ``train`` cleans up).
+"""The training recipe as named steps: ``_setup``, ``_loop``, ``_finish`` (save), and ``train``'s cleanup.
 
 Everything a step needs is explicit: the packs of the step come from ``StepPlan``, their
 document boundaries travel in the ``Batch`` to the model, the loss is normalised by the

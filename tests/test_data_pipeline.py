@@ -205,6 +205,28 @@ def test_format_report_lists_everything(tok, tmp_path):
     assert DataReport.from_dict(ds.report.as_dict()) == ds.report
 
 
+def test_sft_and_preference_reports_name_their_reading_alike(tok, tmp_path):
+    """Both builders fill the report's reading fields in one place (``DataReport.add_reading``):
+    the same dataset names, tokenizer, template and first-bad-row form."""
+    from packtune.data.sources import describe_dataset
+    from packtune.preference.data import build_preference_dataset
+
+    user = {"role": "user", "content": "2+2?"}
+    sft = [write_jsonl(tmp_path / f"sft{i}.jsonl", [{"messages": [user, {"role": "assistant", "content": "4"}]},
+                                                    {"messages": [user]}]) for i in range(2)]
+    pairs = [write_jsonl(tmp_path / f"pairs{i}.jsonl", [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+                                                        {"chosen": "4"}]) for i in range(2)]
+    for build, paths in ((build_dataset, sft), (build_preference_dataset, pairs)):
+        r = build(DataOptions(dataset=paths, prompt_template="mistral", data_cache_dir=str(tmp_path / "cache")),
+                  tok).report
+        assert (r.dataset, r.tokenizer, r.template) == (", ".join(paths), "packtune://mistral-v1", "mistral")
+        assert r.samples_read == 4 and r.skipped_total == 2 and sum(r.formats.values()) == 4
+        (example,) = r.skip_examples.values()
+        assert example.startswith(f"{paths[0]}, line 2: "), example
+        assert r.tokenize_seconds > 0 and r.tokenize_tokens_per_s > 0
+    assert describe_dataset(sft, "test") == f"{sft[0]}, {sft[1]} [test]"
+
+
 def test_load_tokenizer_bundled(tok, tmp_path_factory):
     assert len(tok) == 32000 and (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "</s>")
     assert tok.name_or_path == "packtune://mistral-v1"

@@ -29,23 +29,59 @@ import shutil
 import socket
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from packtune.data.errors import DataError
-from packtune.data.sources import file_digest
-from packtune.data.tokenizer_loader import default_cache_dir
+from packtune.data.report import DataReport
+from packtune.data.sources import LocalFile, Part, file_digest
+from packtune.data.tokenizer_loader import default_cache_dir, tokenizer_fingerprint
+from packtune.packing.packs import PackLayout
+
+if TYPE_CHECKING:
+    from packtune.data.options import DataOptions
+    from packtune.data.templates import Template
 
 #: Bump when the pipeline's output changes for the same inputs: old entries are then unused.
 PIPELINE_VERSION = 3
+
+
+#: The arrays of a ``pack-KEY`` entry: the layout (``PackLayout``) of the packs.
+PACK_ARRAYS = ("doc_start", "doc_end", "pack_offsets")
 
 
 def cache_key(parts: dict[str, Any]) -> str:
     """A short hash of ``parts`` (JSON-serializable), independent of key order."""
     text = json.dumps({"version": PIPELINE_VERSION, **parts}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def tokenize_key(data: list[str] | None, tokenizer: Any, template: Template, options: DataOptions,
+                 **fields: Any) -> str | None:
+    """The key of tokenized rows: ``data`` (``DataCache.fingerprints``), the tokenizer, the
+    template and its stop tokens, ``system_prompt``, ``train_on_reasoning``, split and
+    ``max_samples``, plus ``fields`` (what else the tokenizing depends on); ``None`` (not
+    cached) when ``data`` is."""
+    if data is None:
+        return None
+    return cache_key({
+        "data": data, "tokenizer": tokenizer_fingerprint(tokenizer), "template": template.name,
+        "stop": list(template.stop), "system_prompt": options.system_prompt,
+        "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
+        "max_samples": options.max_samples, **fields,
+    })
+
+
+def pack_key(tokenized: str | None, options: DataOptions, strategy: str) -> str | None:
+    """The key of a layout of the ``tokenized`` entry's samples: it adds ``max_length``, the
+    strategy, overflow, ``shuffle_before_pack`` and ``seed``; ``None`` when ``tokenized`` is."""
+    if tokenized is None:
+        return None
+    return cache_key({"tokenized": tokenized, "max_length": options.max_length, "strategy": strategy,
+                      "overflow": options.overflow, "shuffle": options.shuffle_before_pack, "seed": options.seed})
 
 
 class NpyAppender:
@@ -107,6 +143,31 @@ class DataCache:
 
     def path(self, kind: str, key: str) -> Path:
         return self.dir / f"{kind}-{key}"
+
+    def fingerprints(self, parts: list[Part], not_cached: str) -> list[str] | None:
+        """The content fingerprints of ``parts``, for ``tokenize_key``; ``None``, with a warning
+        that ends in ``not_cached``, when a dataset object has none."""
+        data = [p.fingerprint(self.file_digest if isinstance(p, LocalFile) else None) for p in parts]
+        if None in data:
+            warnings.warn("a dataset object cannot be fingerprinted (see packtune.data.sources.dataset_fingerprint), "
+                          f"so {not_cached}", stacklevel=3)
+            return None
+        return data
+
+    def layout(self, kind: str, key: str | None, max_length: int,
+               build: Callable[[], tuple[PackLayout, DataReport]]) -> tuple[PackLayout, DataReport, bool]:
+        """The packs' layout and report from entry ``kind-key``, or ``build()`` them (the report
+        checked, then saved under ``key`` unless it is ``None``); ``(layout, report, hit)``."""
+        hit = self.load(kind, key, PACK_ARRAYS) if key is not None else None
+        if hit is not None:
+            arrays, meta = hit
+            layout = PackLayout(arrays["doc_start"], arrays["doc_end"], arrays["pack_offsets"], max_length)
+            return layout, DataReport.from_dict(meta), True
+        layout, report = build()
+        report.check()
+        if key is not None:
+            self.save(kind, key, {name: getattr(layout, name) for name in PACK_ARRAYS}, report.as_dict())
+        return layout, report, False
 
     def load(self, kind: str, key: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], dict] | None:
         """The arrays (memory-mapped) and meta of an entry, or ``None`` when absent or broken."""

@@ -14,27 +14,25 @@ samples share a pack); ``epoch_order(epoch)`` re-orders the packs every epoch.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from packtune.data.cache import DataCache, cache_key
+from packtune.data.cache import DataCache, pack_key, tokenize_key
 from packtune.data.errors import DataError
 from packtune.data.formats import check_format_name, detect_format
 from packtune.config.settings import BAD_ROW_POLICIES, PACK_STRATEGIES
 from packtune.data.options import DataOptions
 from packtune.data.report import DataReport
-from packtune.data.sources import LocalFile, Part, entry_name, iter_batches, resolve
+from packtune.data.sources import LocalFile, Part, describe_dataset, iter_batches, resolve
 from packtune.data.templates import Template, check_template_name, get_template
 from packtune.data.tokenize import Encoder, tokenize_batches
-from packtune.data.tokenizer_loader import tokenizer_fingerprint, tokenizer_info
+from packtune.data.tokenizer_loader import tokenizer_info
 from packtune.packing.chunks import sample_lengths
 from packtune.packing.packs import OVERFLOW, PackLayout, TokenizedSamples, get_pack, layout_packs
 
 TOK_ARRAYS = ("input_ids", "labels", "offsets", "row_ids")
-PACK_ARRAYS = ("doc_start", "doc_end", "pack_offsets")
 BATCH_SIZE = 1000
 
 
@@ -109,11 +107,6 @@ def _formats(parts: list[Part], fmt: str) -> list[str]:
     return out
 
 
-def _describe(dataset: Any, split: str) -> str:
-    names = [dataset] if isinstance(dataset, str) or not isinstance(dataset, (list, tuple)) else list(dataset)
-    return ", ".join(map(entry_name, names)) + (f" [{split}]" if split != "train" else "")
-
-
 def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
     """Load (or reuse from the cache) the packed dataset described by ``options``.
 
@@ -131,58 +124,43 @@ def build_dataset(options: DataOptions, tokenizer: Any) -> PackedDataset:
         template = get_template(options.prompt_template, tokenizer)
     except ValueError as exc:
         raise DataError(str(exc)) from None
-    tok_fp = tokenizer_fingerprint(tokenizer)
-    data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
-    if None in data_fp:
-        warnings.warn("a dataset object cannot be fingerprinted (see packtune.data.sources.dataset_fingerprint), "
-                      "so its tokenized data is not cached: every run tokenizes it again", stacklevel=2)
-    tok_key = None if None in data_fp else cache_key({
-        "data": data_fp, "tokenizer": tok_fp, "format": options.dataset_format, "template": template.name,
-        "stop": list(template.stop), "system_prompt": options.system_prompt,
-        "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
-        "max_samples": options.max_samples,
-    })
-    hit = cache.load("tok", tok_key, TOK_ARRAYS) if tok_key is not None else None
-    tok_hit = hit is not None
-    if hit is None:
-        hit = _tokenize(cache, tok_key, parts, options, tokenizer, template)
-    arrays, tok_meta = hit
+    data = cache.fingerprints(parts, "its tokenized data is not cached: every run tokenizes it again")
+    tok_key = tokenize_key(data, tokenizer, template, options, format=options.dataset_format)
+    (arrays, tok_meta), tok_hit = _tokenized(cache, tok_key, parts, options, tokenizer, template)
     samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
     row_ids = arrays["row_ids"]
-    fmts = [f for f, n in tok_meta["formats"].items() if n]
-    strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
-    pack_key = cache_key({"tokenized": tok_key, "max_length": options.max_length, "strategy": strategy,
-                          "overflow": options.overflow, "shuffle": options.shuffle_before_pack, "seed": options.seed})
-    hit = cache.load("pack", pack_key, PACK_ARRAYS) if tok_key is not None else None
-    if hit is None:
+    strategy, template_name = _strategy(options, tok_meta["formats"], tok_meta["template"])
+    name = describe_dataset(options.dataset, options.dataset_split)
+
+    def pack() -> tuple[PackLayout, DataReport]:
         layout, report = _pack(samples, row_ids, options, strategy)
-        report.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
-        report.dataset = _describe(options.dataset, options.dataset_split)
-        report.formats = dict(tok_meta["formats"])
-        report.template = "none (raw text)" if strategy == "concat" and fmts == ["text"] else tok_meta["template"]
-        report.samples_read = tok_meta["read"]
-        report.skipped = dict(tok_meta["skipped"])
-        report.skip_examples = dict(tok_meta.get("examples", {}))
-        report.tokenize_seconds = round(tok_meta["seconds"], 3)
-        report.tokenize_tokens_per_s = round(tok_meta["tokens_per_s"], 1)
-        report.num_proc = tok_meta["num_proc"]
-        report.check()
-        if tok_key is not None:
-            cache.save("pack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
-                                          "pack_offsets": layout.pack_offsets}, report.as_dict())
-        pack_hit = False
-    else:
-        pack_arrays, meta = hit
-        layout = PackLayout(pack_arrays["doc_start"], pack_arrays["doc_end"], pack_arrays["pack_offsets"],
-                            options.max_length)
-        report = DataReport.from_dict(meta)
-        pack_hit = True
-    report.dataset = _describe(options.dataset, options.dataset_split)
+        return layout, report.add_reading(tok_meta, tokenizer, name, template=template_name)
+
+    layout, report, pack_hit = cache.layout("pack", pack_key(tok_key, options, strategy), options.max_length, pack)
+    report.dataset = name  # a cached report may name other files with the same bytes
     report.tokenize_cache_hit = tok_hit
     report.cache_hit = tok_hit and pack_hit
     report.cache_dir = str(cache.dir)
     return PackedDataset(samples, layout, report, row_ids=row_ids, options=options,
                          tokenizer_info=tokenizer_info(tokenizer), template=template.name)
+
+
+def _strategy(options: DataOptions, formats: dict[str, int], template: str) -> tuple[str, str]:
+    """The packing strategy for rows of these ``formats`` (raw text is concatenated) and the
+    template as the report names it."""
+    fmts = [f for f, n in formats.items() if n]
+    strategy = options.effective_strategy("text" if fmts and all(f == "text" for f in fmts) else None)
+    return strategy, "none (raw text)" if strategy == "concat" and fmts == ["text"] else template
+
+
+def _tokenized(cache: DataCache, key: str | None, parts: list[Part], options: DataOptions, tokenizer: Any,
+               template: Template) -> tuple[tuple[dict[str, np.ndarray], dict], bool]:
+    """The tokenized rows (arrays and meta) from the cache entry ``key``, or tokenized now
+    (``_tokenize``); and whether the cache had them."""
+    hit = cache.load("tok", key, TOK_ARRAYS) if key is not None else None
+    if hit is not None:
+        return hit, True
+    return _tokenize(cache, key, parts, options, tokenizer, template), False
 
 
 def _tokenize(cache: DataCache, key: str | None, parts: list[Part], options: DataOptions, tokenizer: Any,

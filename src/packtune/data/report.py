@@ -78,6 +78,25 @@ class DataReport:
         if self.samples_read != self.kept + self.skipped_total or self.kept != self.packed + self.dropped_total:
             raise AssertionError(f"the data report's counts do not add up: {self}")
 
+    def add_reading(self, meta: dict[str, Any], tokenizer: Any, dataset: str,
+                    template: str | None = None) -> DataReport:
+        """Fill in what reading and tokenizing the rows did, from its record ``meta`` (a
+        tokenized cache entry's meta: ``read``, ``skipped``, ``examples``, ``formats``,
+        ``seconds``, ``tokens_per_s``, ``num_proc``, ``template``), the tokenizer's name and
+        the ``dataset``'s description (``describe_dataset``); ``template`` names the template
+        instead of ``meta``'s. Returns the report."""
+        self.dataset = dataset
+        self.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
+        self.formats = dict(meta["formats"])
+        self.template = meta["template"] if template is None else template
+        self.samples_read = meta["read"]
+        self.skipped = dict(meta["skipped"])
+        self.skip_examples = dict(meta.get("examples", {}))
+        self.tokenize_seconds = round(meta["seconds"], 3)
+        self.tokenize_tokens_per_s = round(meta["tokens_per_s"], 1)
+        self.num_proc = meta.get("num_proc", 1)
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 

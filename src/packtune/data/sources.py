@@ -258,6 +258,13 @@ def entry_name(entry: Any) -> str:
     return f"{type(entry).__name__}({name})" if name else type(entry).__name__
 
 
+def describe_dataset(dataset: Any, split: str) -> str:
+    """The ``dataset`` setting (an entry or a list of entries) as reports name it, with its
+    split when that is not ``train``."""
+    names = [dataset] if isinstance(dataset, str) or not isinstance(dataset, (list, tuple)) else list(dataset)
+    return ", ".join(map(entry_name, names)) + (f" [{split}]" if split != "train" else "")
+
+
 def _batched(numbered: Iterator[tuple[int, Any]], size: int,
              parse: bool) -> Iterator[tuple[list[int], list[Any], bool]]:
     lines: list[int] = []

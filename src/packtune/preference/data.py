@@ -26,20 +26,19 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from packtune.data.cache import DataCache, cache_key
+from packtune.data.cache import DataCache, pack_key, tokenize_key
 from packtune.data.errors import DataError
 from packtune.data.formats import BadRow, to_sample
 from packtune.data.report import DataReport
-from packtune.data.sources import LocalFile, entry_name, iter_batches, parse_json_line, resolve
+from packtune.data.sources import describe_dataset, iter_batches, parse_json_line, resolve
 from packtune.data.templates import Segment, Template, get_template, tidy
 from packtune.data.tokenize import _fast_backend, encode_segments
-from packtune.data.tokenizer_loader import tokenizer_fingerprint, tokenizer_info
+from packtune.data.tokenizer_loader import tokenizer_info
 from packtune.data.turns import ReplyNotFound
 from packtune.packing.chunks import IGNORE_INDEX
 from packtune.packing.packs import PackLayout, TokenizedSamples
@@ -356,16 +355,8 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
         raise DataError(str(exc)) from None
     cache = DataCache(options.data_cache_dir)
     parts = resolve(options.dataset, options.dataset_split, streaming=options.dataset_streaming)
-    data_fp = [p.fingerprint(cache.file_digest if isinstance(p, LocalFile) else None) for p in parts]
-    if None in data_fp:
-        warnings.warn("a dataset object cannot be fingerprinted (see packtune.data.sources.dataset_fingerprint), "
-                      "so its pairs are not cached: every run tokenizes them again", stacklevel=2)
-    tok_key = None if None in data_fp else cache_key({
-        "kind": "preference pairs", "data": data_fp, "tokenizer": tokenizer_fingerprint(tokenizer),
-        "template": template.name, "stop": list(template.stop), "system_prompt": options.system_prompt,
-        "train_on_reasoning": options.train_on_reasoning, "split": options.dataset_split,
-        "max_samples": options.max_samples,
-    })
+    data = cache.fingerprints(parts, "its pairs are not cached: every run tokenizes them again")
+    tok_key = tokenize_key(data, tokenizer, template, options, kind="preference pairs")
     hit = cache.load("pairtok", tok_key, TOK_ARRAYS) if tok_key is not None else None
     tok_hit = hit is not None
     if hit is None:
@@ -374,28 +365,15 @@ def build_preference_dataset(options: Any, tokenizer: Any) -> PairDataset:
             cache.save("pairtok", tok_key, *hit)
     arrays, tok_meta = hit
     samples = TokenizedSamples(arrays["input_ids"], arrays["labels"], arrays["offsets"])
-    pack_key = None if tok_key is None else cache_key({
-        "tokenized": tok_key, "max_length": options.max_length, "strategy": strategy, "overflow": options.overflow,
-        "shuffle": options.shuffle_before_pack, "seed": options.seed})
-    hit = cache.load("pairpack", pack_key, PACK_ARRAYS) if pack_key is not None else None
-    if hit is None:
-        layout, report = _pack_pairs(samples, tok_meta, options, strategy)
-        report.tokenizer = str(getattr(tokenizer, "name_or_path", "")) or type(tokenizer).__name__
-        report.check()
-        if pack_key is not None:
-            cache.save("pairpack", pack_key, {"doc_start": layout.doc_start, "doc_end": layout.doc_end,
-                                              "pack_offsets": layout.pack_offsets}, report.as_dict())
-    else:
-        layout = PackLayout(hit[0]["doc_start"], hit[0]["doc_end"], hit[0]["pack_offsets"], options.max_length)
-        report = DataReport.from_dict(hit[1])
-    names = [options.dataset] if isinstance(options.dataset, str) else list(options.dataset)
-    report.dataset = ", ".join(map(entry_name, names))
+    layout_key = pack_key(tok_key, options, strategy)
+    layout, report, pack_hit = cache.layout(
+        "pairpack", layout_key, options.max_length, lambda: _pack_pairs(samples, tok_meta, options, tokenizer, strategy))
     report.tokenize_cache_hit = tok_hit
-    report.cache_hit = tok_hit and hit is not None
+    report.cache_hit = tok_hit and pack_hit
     report.cache_dir = str(cache.dir)
     return PairDataset(samples, layout, report, arrays["margins"], arrays["row_ids"], seed=options.seed,
                        tokenizer_info=tokenizer_info(tokenizer), template=template.name,
-                       cache_key=pack_key, cache_dir=options.data_cache_dir)
+                       cache_key=layout_key, cache_dir=options.data_cache_dir)
 
 
 def _tokenize_pairs(parts: list, options: Any, tokenizer: Any, template: Template) -> tuple[dict[str, np.ndarray], dict]:
@@ -441,7 +419,8 @@ def _tokenize_pairs(parts: list, options: Any, tokenizer: Any, template: Templat
     return arrays, meta
 
 
-def _pack_pairs(samples: TokenizedSamples, tok_meta: dict, options: Any, strategy: str) -> tuple[PackLayout, DataReport]:
+def _pack_pairs(samples: TokenizedSamples, tok_meta: dict, options: Any, tokenizer: Any,
+                strategy: str) -> tuple[PackLayout, DataReport]:
     """The layout of whole pairs (``layout_pairs``) and the data report."""
     pairs = len(samples) // 2
     order = np.random.default_rng(options.seed).permutation(pairs) if options.shuffle_before_pack else None
@@ -449,10 +428,8 @@ def _pack_pairs(samples: TokenizedSamples, tok_meta: dict, options: Any, strateg
     all_lengths = np.diff(np.asarray(samples.offsets))
     pair_len = all_lengths.reshape(-1, 2).sum(axis=1) if pairs else np.zeros(0, np.int64)
     tokens_packed = int((layout.doc_end - layout.doc_start).sum())
-    read = tok_meta["read"]
     report = DataReport(
-        formats={"preference": read}, template=tok_meta["template"],
-        samples_read=read, skipped=dict(tok_meta["skipped"]), skip_examples=dict(tok_meta["examples"]), kept=pairs,
+        kept=pairs,
         tokens=int(all_lengths.sum()), trained_tokens=counts["trained_tokens"], truncated=counts["truncated"],
         truncated_tokens=counts["truncated_tokens"], dropped=counts["dropped"], packed=counts["packed"],
         documents=2 * counts["packed"], packs=len(layout), packed_tokens=tokens_packed, max_length=options.max_length,
@@ -462,8 +439,8 @@ def _pack_pairs(samples: TokenizedSamples, tok_meta: dict, options: Any, strateg
         min_packs=-(-tokens_packed // options.max_length),
         length_min=int(pair_len.min()) if pairs else 0, length_mean=round(float(pair_len.mean()), 2) if pairs else 0.0,
         length_max=int(pair_len.max()) if pairs else 0,
-        tokenize_seconds=round(tok_meta["seconds"], 3), tokenize_tokens_per_s=round(tok_meta["tokens_per_s"], 1),
-    )
+    ).add_reading({**tok_meta, "formats": {"preference": tok_meta["read"]}}, tokenizer,
+                  describe_dataset(options.dataset, options.dataset_split))
     return layout, report
 
 

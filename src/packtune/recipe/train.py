@@ -1,4 +1,4 @@
-"""The training recipe: setup, loop, save, cleanup, in one readable function.
+"""The training recipe as named steps: ``_setup``, ``_loop``, ``_finish`` (save), and ``train``'s cleanup.
 
 Everything a step needs is explicit: the packs of the step come from ``StepPlan``, their
 document boundaries travel in the ``Batch`` to the model, the loss is normalised by the
@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -229,40 +230,57 @@ def _injected_fault(env: DistEnv) -> int | None:
     return step if rank == env.rank else None
 
 
+@dataclass
+class Run:
+    """What the steps of a run share, made once by ``_setup`` before the first step."""
+
+    settings: Settings  # as resumed: the accumulation may keep a checkpoint's global batch
+    opts: RunOptions
+    env: DistEnv
+    tokenizer: Any
+    pad_id: int
+    dataset: Any  # a PackedDataset, or a PairDataset for the preference methods
+    dtype: torch.dtype
+    kind: str  # the engine's name in ENGINES
+    sp: SequenceParallel | None
+    dp_rank: int  # this rank's data-parallel slot (its sequence-parallel group's, under sp)
+    plan: StepPlan
+    engine: Any
+    start: int  # the first step to train (0, or the resumed checkpoint's)
+    metrics: MetricsLogger
+    objective: Any = None  # the preference objective; None for SFT
+    reference: Any = None  # the preference reference model, when computed during training
+
+
 def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitStack) -> dict:
-    # --- setup ------------------------------------------------------------------------------
+    """The recipe: set up, train every step, save and evaluate the last (``train`` cleans up)."""
+    run = _setup(settings, opts, env, resources)
+    result, last_saved = _loop(run)
+    return _finish(run, result, last_saved)
+
+
+# --- setup ------------------------------------------------------------------------------------
+
+
+def _setup(settings: Settings, opts: RunOptions, env: DistEnv, resources: contextlib.ExitStack) -> Run:
+    """Everything before the first step, in the order the random state and the log expect:
+    data, model, plan, engine, resumed position, preference reference."""
     _setup_logging(env)
-    os.makedirs(opts.work_dir, exist_ok=True)
-    if env.is_main and opts.config_path and os.path.isfile(opts.config_path):
-        shutil.copy(opts.config_path, os.path.join(opts.work_dir, os.path.basename(opts.config_path)))
+    _setup_work_dir(opts, env)
     seed_everything(settings.seed)
-    tokenizer = load_tokenizer(
-        settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code
-    )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dataset = _prepare_data(settings, tokenizer, env)
-    if len(dataset) == 0:
-        r = dataset.report
-        raise DataError(f"the dataset has no trainable samples: {r.samples_read} rows read, skipped {r.skipped or 0}, "
-                        f"dropped {r.dropped or 0} (packtune log-dataset CONFIG shows the full report)")
+    tokenizer, pad_id, dataset = _setup_data(settings, env)
     dtype = compute_dtype(settings.dtype, env.device)
     kind = engine_kind(env, opts.deepspeed, opts.fsdp)
     sp = _sequence_parallel(settings, env)  # before the model: a world it cannot split fails fast
     # The ranks of a sequence-parallel group share their packs: data parallelism is over groups.
     dp_size, dp_rank = (sp.dp_size, sp.dp_rank) if sp else (env.world_size, env.rank)
     resume = _resume_path(opts)
-    resumed = ckpt.read_meta(resume) if resume else {}
     if resume:
-        settings = _keep_global_batch(settings, resumed, resume, dp_size)
+        settings = _keep_global_batch(settings, ckpt.read_meta(resume), resume, dp_size)
     log.info("model: %s, compute %s, varlen %s, on %s x%d", model_source(settings), dtype, settings.use_varlen_attn, env.device.type, env.world_size)
     # The engine's construction says how the model is built and where its leak check runs.
     construction = resources.enter_context(model_construction(kind, settings, env, dtype, opts.deepspeed))
-    model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.check_in_build)
-    construction.built(model, settings, env, dtype)
-    _check_splittable(settings, env, model)
-    # DPO's frozen reference: the starting weights, copied before an engine wraps or shards them.
-    frozen = (copy.deepcopy(model) if settings.method == "dpo" and not settings.lora and settings.ref_model is None
-              else None)
+    model, frozen = _setup_model(settings, env, dtype, construction)
     plan = StepPlan(
         dataset,
         settings.batch_size,
@@ -274,7 +292,51 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
     )
     engine = ENGINES[kind].create(model, env, settings, plan.total_steps, dtype, construction, resume=resume)
     construction.ready(engine, settings, env, dtype)
-    start = 0
+    start = _setup_start(engine, plan, resume, opts, env)
+    metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
+    run = Run(settings, opts, env, tokenizer, pad_id, dataset, dtype, kind, sp, dp_rank, plan, engine, start, metrics)
+    if settings.method != "sft":
+        _setup_preference(run, frozen)
+    log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
+    return run
+
+
+def _setup_work_dir(opts: RunOptions, env: DistEnv) -> None:
+    """The work dir, with a copy of the config file for the record (main rank)."""
+    os.makedirs(opts.work_dir, exist_ok=True)
+    if env.is_main and opts.config_path and os.path.isfile(opts.config_path):
+        shutil.copy(opts.config_path, os.path.join(opts.work_dir, os.path.basename(opts.config_path)))
+
+
+def _setup_data(settings: Settings, env: DistEnv) -> tuple[Any, int, Any]:
+    """``(tokenizer, pad id, dataset)``; a dataset with no trainable sample stops in one line."""
+    tokenizer = load_tokenizer(
+        settings.tokenizer_name_or_path or settings.pretrained_model_name_or_path, settings.trust_remote_code
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dataset = _prepare_data(settings, tokenizer, env)
+    if len(dataset) == 0:
+        r = dataset.report
+        raise DataError(f"the dataset has no trainable samples: {r.samples_read} rows read, skipped {r.skipped or 0}, "
+                        f"dropped {r.dropped or 0} (packtune log-dataset CONFIG shows the full report)")
+    return tokenizer, pad_id, dataset
+
+
+def _setup_model(settings: Settings, env: DistEnv, dtype: torch.dtype, construction: Any) -> tuple[Any, Any]:
+    """The model built as the engine's ``construction`` says, checked for sequence parallelism,
+    and DPO's frozen reference (None when the method has none, or gets it otherwise)."""
+    model = build_model(settings, env.device, dtype, base=construction.base, leak_check=construction.check_in_build)
+    construction.built(model, settings, env, dtype)
+    _check_splittable(settings, env, model)
+    # DPO's frozen reference: the starting weights, copied before an engine wraps or shards them.
+    frozen = (copy.deepcopy(model) if settings.method == "dpo" and not settings.lora and settings.ref_model is None
+              else None)
+    return model, frozen
+
+
+def _setup_start(engine: Any, plan: StepPlan, resume: str | None, opts: RunOptions, env: DistEnv) -> int:
+    """The first step: the resumed checkpoint's (its weights and optimizer loaded into
+    ``engine``), or 0, with a warning when the work dir holds an earlier run's checkpoints."""
     if resume:
         meta = engine.load(resume)
         try:
@@ -282,96 +344,128 @@ def _train(settings: Settings, opts: RunOptions, env: DistEnv, resources: contex
         except ValueError as exc:
             raise CheckpointMismatch(str(exc)) from None
         log.info("resumed from %s at step %d (%d packs trained on)", resume, start, plan.packs_consumed(start))
-    else:
-        earlier = sorted(glob.glob(os.path.join(opts.work_dir, "iter_*.pth")))
-        if earlier and env.is_main:
-            log.warning(
-                "%s already holds checkpoints of an earlier run (%s): starting from scratch beside them "
-                "(use --resume auto to continue that run, or another --work-dir)",
-                opts.work_dir, ", ".join(os.path.basename(p) for p in earlier[:3]),
-            )
-    metrics = MetricsLogger(opts.work_dir, plan.total_steps, start, enabled=env.is_main)
-    objective = reference = None
-    if settings.method != "sft":
-        from packtune.preference.model import make_reference, precompute_reference, reference_cache_parts
-        from packtune.preference.objective import Objective
+        return start
+    earlier = sorted(glob.glob(os.path.join(opts.work_dir, "iter_*.pth")))
+    if earlier and env.is_main:
+        log.warning(
+            "%s already holds checkpoints of an earlier run (%s): starting from scratch beside them "
+            "(use --resume auto to continue that run, or another --work-dir)",
+            opts.work_dir, ", ".join(os.path.basename(p) for p in earlier[:3]),
+        )
+    return 0
 
-        objective = Objective.from_settings(settings)
-        if objective.needs_reference:
-            reference = make_reference(settings, engine, frozen, tokenizer, env.device, dtype, build_model, sp)
-            del frozen
-            if settings.precompute_ref_log_probs:
-                cached = precompute_reference(dataset, reference, lambda packs: _collate_packs(packs, settings, pad_id),
-                                              env.device, reference_cache_parts(settings, dtype, env.device))
-                reference = None
-                log.info("reference log-probs of %d pairs %s", dataset.margins.size,
-                         "loaded from the data cache" if cached else "precomputed")
-    log.info("%d packs, %d steps (%d per epoch), %d packs per step, engine %s", len(dataset), plan.total_steps, plan.steps_per_epoch, plan.global_packs, kind)
 
-    # --- loop ---------------------------------------------------------------------------------
-    engine.model.train()
+def _setup_preference(run: Run, frozen: Any) -> None:
+    """``run``'s preference objective and, when it needs one, its reference model; with
+    ``precompute_ref_log_probs`` the reference's log-probs are stored in the dataset instead."""
+    from packtune.preference.model import make_reference, precompute_reference, reference_cache_parts
+    from packtune.preference.objective import Objective
+
+    settings = run.settings
+    run.objective = Objective.from_settings(settings)
+    if not run.objective.needs_reference:
+        return
+    run.reference = make_reference(settings, run.engine, frozen, run.tokenizer, run.env.device, run.dtype,
+                                   build_model, run.sp)
+    if settings.precompute_ref_log_probs:
+        cached = precompute_reference(run.dataset, run.reference, lambda packs: _collate_packs(packs, settings, run.pad_id),
+                                      run.env.device, reference_cache_parts(settings, run.dtype, run.env.device))
+        run.reference = None
+        log.info("reference log-probs of %d pairs %s", run.dataset.margins.size,
+                 "loaded from the data cache" if cached else "precomputed")
+
+
+# --- loop -------------------------------------------------------------------------------------
+
+
+def _loop(run: Run) -> tuple[Any, str | None]:
+    """Steps ``run.start`` to the end, logging, evaluating and saving on the settings' cadence;
+    the last step's result and the last checkpoint saved (None if none)."""
+    settings, plan = run.settings, run.plan
+    run.engine.model.train()
     last_saved, result, tic, window_tokens = None, None, time.perf_counter(), 0
-    fault_step = _injected_fault(env)
-    for step in range(start, plan.total_steps):
+    fault_step = _injected_fault(run.env)
+    for step in range(run.start, plan.total_steps):
         if fault_step == step + 1:
-            raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {env.rank} raises at step {step + 1}")
-        slots = plan.micro_batches(step, dp_rank)
-        batches = [_collate(dataset, ids, settings, pad_id).to(env.device) for ids in slots]
-        if objective is None:
-            result = accumulate_gradients(engine, batches, settings.loss_reduction, dtype, settings.loss_chunk_size,
-                                          sequence_parallel=sp)
-        else:
-            from packtune.preference.step import accumulate_preference
-
-            result = accumulate_preference(engine, batches, objective, dtype, settings.loss_chunk_size,
-                                           sequence_parallel=sp, reference=reference)
-        grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
-        if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
-            # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.
-            log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step + 1)
-        elif not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
-            what = f"non-finite {'loss' if not math.isfinite(result.loss) else 'gradient norm'} at step {step + 1} (packs {plan.step_packs(step)})"
-            if settings.on_nonfinite_loss == "error":
-                raise NonFiniteLossError(what + "; set on_nonfinite_loss = 'skip' to skip such steps")
-            if not math.isfinite(result.loss):
-                engine.skip_step()
-            log.warning("skipped %s", what)
+            raise InjectedFault(f"{DEBUG_RAISE_ENV}: rank {run.env.rank} raises at step {step + 1}")
+        result, grad_norm = _train_step(run, step)
         done = step + 1
         window_tokens += result.tokens
-        metrics.advance()
+        run.metrics.advance()
         if done % settings.log_steps == 0 or done == plan.total_steps:
             elapsed = time.perf_counter() - tic
-            metrics.log(
-                {
-                    "step": done,
-                    "epoch": round(plan.epoch_progress(done), 4),
-                    "loss": result.loss,
-                    "lr": engine.lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "tokens": result.tokens,
-                    "trained_tokens": result.trained_tokens,
-                    "start_step": start,
-                    **({"pairs": result.pairs, **result.metrics} if objective is not None else {}),
-                }
-            )
+            _log_step(run, done, result, grad_norm, window_tokens / max(elapsed, 1e-9))
             tic, window_tokens = time.perf_counter(), 0
         if settings.evaluation_freq and done % settings.evaluation_freq == 0 and done != plan.total_steps:
-            _evaluate(engine, tokenizer, settings, metrics, done, env)
+            _evaluate(run.engine, run.tokenizer, settings, run.metrics, done, run.env)
         if done % settings.save_steps == 0 and done != plan.total_steps:
-            last_saved = _save(engine, opts, settings, done, plan, env)
+            last_saved = _save(run.engine, run.opts, settings, done, plan, run.env)
+    return result, last_saved
 
-    # --- save and clean up ----------------------------------------------------------------------
-    if plan.total_steps > start:
-        last_saved = _save(engine, opts, settings, plan.total_steps, plan, env)
-    _evaluate(engine, tokenizer, settings, metrics, plan.total_steps, env)
-    curve = metrics.close()
+
+def _train_step(run: Run, step: int) -> tuple[Any, float]:
+    """One optimizer step (0-based ``step``) over this rank's micro-batches: its result and
+    gradient norm. A non-finite loss or norm stops the run or skips the step
+    (``on_nonfinite_loss``); an fp16 overflow is skipped by the engine's loss scaling."""
+    settings, engine = run.settings, run.engine
+    slots = run.plan.micro_batches(step, run.dp_rank)
+    batches = [_collate(run.dataset, ids, settings, run.pad_id).to(run.env.device) for ids in slots]
+    if run.objective is None:
+        result = accumulate_gradients(engine, batches, settings.loss_reduction, run.dtype, settings.loss_chunk_size,
+                                      sequence_parallel=run.sp)
+    else:
+        from packtune.preference.step import accumulate_preference
+
+        result = accumulate_preference(engine, batches, run.objective, run.dtype, settings.loss_chunk_size,
+                                       sequence_parallel=run.sp, reference=run.reference)
+    grad_norm = engine.step() if math.isfinite(result.loss) else float("nan")
+    if math.isfinite(result.loss) and not math.isfinite(grad_norm) and engine.loss_scaling:
+        # fp16 loss scaling: the engine skipped the overflowing step and lowered the scale.
+        log.info("step %d: fp16 gradient overflow, step skipped and loss scale lowered", step + 1)
+    elif not (math.isfinite(result.loss) and math.isfinite(grad_norm)):
+        what = f"non-finite {'loss' if not math.isfinite(result.loss) else 'gradient norm'} at step {step + 1} (packs {run.plan.step_packs(step)})"
+        if settings.on_nonfinite_loss == "error":
+            raise NonFiniteLossError(what + "; set on_nonfinite_loss = 'skip' to skip such steps")
+        if not math.isfinite(result.loss):
+            engine.skip_step()
+        log.warning("skipped %s", what)
+    return result, grad_norm
+
+
+def _log_step(run: Run, done: int, result: Any, grad_norm: float, tokens_per_s: float) -> None:
+    """The metrics line of step ``done`` (1-based)."""
+    run.metrics.log(
+        {
+            "step": done,
+            "epoch": round(run.plan.epoch_progress(done), 4),
+            "loss": result.loss,
+            "lr": run.engine.lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens": result.tokens,
+            "trained_tokens": result.trained_tokens,
+            "start_step": run.start,
+            **({"pairs": result.pairs, **result.metrics} if run.objective is not None else {}),
+        }
+    )
+
+
+# --- save -------------------------------------------------------------------------------------
+
+
+def _finish(run: Run, result: Any, last_saved: str | None) -> dict:
+    """Save the last step (unless the run had nothing left to train), evaluate it, close the
+    metrics; the run's summary."""
+    plan = run.plan
+    if plan.total_steps > run.start:
+        last_saved = _save(run.engine, run.opts, run.settings, plan.total_steps, plan, run.env)
+    _evaluate(run.engine, run.tokenizer, run.settings, run.metrics, plan.total_steps, run.env)
+    curve = run.metrics.close()
     return {
         "steps": plan.total_steps,
-        "start_step": start,
+        "start_step": run.start,
         "loss": result.loss if result else None,
-        "checkpoint": last_saved or ckpt.find_last(opts.work_dir),
+        "checkpoint": last_saved or ckpt.find_last(run.opts.work_dir),
         "loss_curve": curve,
-        "data_report": getattr(dataset, "report", None),
+        "data_report": getattr(run.dataset, "report", None),
     }
-

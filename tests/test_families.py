@@ -125,7 +125,6 @@ def test_enable_varlen_derives_boundaries_from_position_ids_once(model_type, mon
     """enable_varlen's hook turns restarting position_ids into cu_seq_lens for every family,
     once per forward (not once per layer)."""
     import packtune.attention.hf as hf
-    import packtune.modeling as modeling
 
     calls = []
     real = hf.cu_seqlens_from_position_ids
@@ -134,8 +133,7 @@ def test_enable_varlen_derives_boundaries_from_position_ids_once(model_type, mon
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hf, "cu_seqlens_from_position_ids", counted)
-    monkeypatch.setattr(modeling, "cu_seqlens_from_position_ids", counted)
+    monkeypatch.setattr(hf, "cu_seqlens_from_position_ids", counted)  # the boundary hook's, in attention.hf
     _run_equivalence(model_type, with_cu=False, enable=True)
     assert len(calls) == 1  # one packed forward; the per-document references use eager
 

@@ -103,7 +103,7 @@ def test_transformers_layer_leaks_on_the_same_check(monkeypatch):
     carries state (and convolution taps) from one document into the next; the check sees it."""
     from packtune.layers import kda
 
-    monkeypatch.setattr(kda, "segments_of", lambda kwargs, rows, length: None)
+    monkeypatch.setattr(kda, "packed_segments", lambda module, rows, length, cache, kwargs: None)
     with pytest.raises(AssertionError, match="logits of row 0 tokens 100:117"):
         assert_packed_equals_alone(build("kimi_linear", **CONFIGS["kimi_linear"]), LONG)
 
@@ -125,7 +125,7 @@ def test_packed_row_refuses_to_fill_a_cache():
 
     model = enable_varlen(build("kimi_linear", **CONFIGS["kimi_linear"]).eval())
     pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    with pytest.raises(ValueError, match="KimiLinearDeltaAttention: a packed row cannot fill a cache"):
+    with pytest.raises(NotImplementedError, match="KimiLinearDeltaAttention: a packed row of several documents cannot fill a recurrent cache"):
         model(input_ids=torch.randint(3, 128, (1, 12)), position_ids=pos, use_cache=True)
 
 

@@ -94,7 +94,7 @@ def test_transformers_layer_leaks_on_the_same_check(monkeypatch):
     """The contrast: transformers' own layer carries its K^T V state into the next document."""
     from packtune.layers import lightning
 
-    monkeypatch.setattr(lightning, "segments_of", lambda kwargs, rows, length: None)
+    monkeypatch.setattr(lightning, "packed_segments", lambda module, rows, length, cache, kwargs: None)
     with pytest.raises(AssertionError, match="logits of row 0 tokens 40:57"):
         assert_packed_equals_alone(build("minimax", **CONFIG), LONG)
 
@@ -116,7 +116,7 @@ def test_packed_row_refuses_to_fill_a_cache():
 
     model = enable_varlen(build("minimax", **CONFIG).eval())
     pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    with pytest.raises(ValueError, match="MiniMaxLightningAttention: a packed row cannot fill a cache"):
+    with pytest.raises(NotImplementedError, match="MiniMaxLightningAttention: a packed row of several documents cannot fill a recurrent cache"):
         model(input_ids=torch.randint(3, 128, (1, 12)), position_ids=pos, use_cache=True)
 
 

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from packtune.layers.conv import varlen_causal_conv1d
-from packtune.layers.segments import Segments, segments_of
+from packtune.layers.common import mask_padding, packed_segments
+from packtune.layers.segments import Segments
 
 #: Tokens per chunk of the scan: transformers' and flash-linear-attention's default for KDA.
 CHUNK_SIZE = 64
@@ -192,17 +193,10 @@ def varlen_kda_forward(
     Without boundaries (no packing, padded batches, decoding) it is the class's own forward.
     """
     rows, length = hidden_states.shape[:2]
-    seg = segments_of(kwargs, rows, length)
+    seg = packed_segments(module, rows, length, cache, kwargs)
     if seg is None:
         return type(module).forward(module, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
-    if cache is not None:
-        raise ValueError(
-            f"{type(module).__name__}: a packed row cannot fill a cache (its recurrent state would "
-            "span documents); pass use_cache=False"
-        )
-    if attention_mask is not None and attention_mask.dim() == 2:
-        # The layer's own zeroing of padded tokens (a packed row has none: all ones).
-        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    hidden_states = mask_padding(module, hidden_states, attention_mask)
     shape = (rows, length, -1, module.head_dim)
     mixed = torch.cat(
         [module.q_proj(hidden_states), module.k_proj(hidden_states), module.v_proj(hidden_states)], dim=-1

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from packtune.layers.segments import Segments, segments_of
+from packtune.layers.common import packed_segments
+from packtune.layers.segments import Segments
 
 
 def lightning_attention_varlen(
@@ -87,15 +88,10 @@ def varlen_lightning_forward(
     cache keeps, and a packed row fills no cache.
     """
     rows, length = hidden_states.shape[:2]
-    seg = segments_of(kwargs, rows, length)
+    seg = packed_segments(module, rows, length, cache, kwargs)
     if seg is None:
         return type(module).forward(
             module, hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs
-        )
-    if cache is not None:
-        raise ValueError(
-            f"{type(module).__name__}: a packed row cannot fill a cache (its K^T V state would span "
-            "documents); pass use_cache=False"
         )
     heads, head_dim = module.num_attention_heads, module.head_dim
     qkv = module.act_fn(module.qkv_proj(hidden_states))

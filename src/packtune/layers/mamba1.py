@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from packtune.layers.conv import varlen_causal_conv1d
-from packtune.layers.segments import Segments, segments_of
-from packtune.layers.ssm import mask_padding, own_forward_is_exact
+from packtune.layers.common import mask_padding, packed_segments
+from packtune.layers.segments import Segments
 
 #: The Mamba1 mixers that get the boundaries from the layer or model around them.
 _BOUND_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer")
@@ -121,14 +121,14 @@ def mamba1_mixer_forward(
     """Varlen form of ``MambaMixer``, ``FalconMambaMixer`` and ``JambaMambaMixer`` (their
     ``forward``'s signature), restarting the conv and the scan at document starts."""
     rows, length, _ = hidden_states.shape
-    seg = segments_of(kwargs, rows, length)
-    if own_forward_is_exact(seg, rows, cache):
+    seg = packed_segments(module, rows, length, cache, kwargs)
+    if seg is None:
         return type(module).forward(module, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     dtype = hidden_states.dtype
-    projected = module.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
+    projected = module.in_proj(mask_padding(module, hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
     x = varlen_causal_conv1d(x, module.conv1d.weight.squeeze(1), module.conv1d.bias, seg, module.activation)
-    x = mask_padding(x.transpose(1, 2), attention_mask)
+    x = mask_padding(module, x.transpose(1, 2), attention_mask)
     time_step, B, C = module.x_proj(x).split([module.time_step_rank, module.ssm_state_size, module.ssm_state_size], -1)
     if hasattr(module, "dt_layernorm"):  # Jamba and Falcon-Mamba normalise dt, B and C
         time_step, B, C = module.dt_layernorm(time_step), module.b_layernorm(B), module.c_layernorm(C)
@@ -161,16 +161,16 @@ def zamba_mixer_forward(
 ) -> torch.Tensor:
     """Varlen form of ``ZambaMambaMixer``: the Mamba1 mixer split into heads scanned apart."""
     rows, length, _ = hidden_states.shape
-    seg = segments_of(kwargs, rows, length)
-    if own_forward_is_exact(seg, rows, cache):
+    seg = packed_segments(module, rows, length, cache, kwargs)
+    if seg is None:
         return type(module).forward(module, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     dtype = hidden_states.dtype
     heads, head_dim = module.n_mamba_heads, module.mamba_head_dim
-    projected = module.in_proj(mask_padding(hidden_states, attention_mask)).transpose(1, 2)
+    projected = module.in_proj(mask_padding(module, hidden_states, attention_mask)).transpose(1, 2)
     x, gate = projected.view(rows, -1, 2, length).chunk(2, dim=2)
     gate = gate.reshape(rows, heads, head_dim, length).transpose(0, 1)
     x = varlen_causal_conv1d(x.squeeze(2), module.conv1d.weight.squeeze(1), module.conv1d.bias, seg, module.activation)
-    x = mask_padding(x.transpose(1, 2), attention_mask).transpose(1, 2)
+    x = mask_padding(module, x.transpose(1, 2), attention_mask).transpose(1, 2)
     x = x.reshape(rows, heads, head_dim, length).transpose(0, 1)
     ssm = (module.x_proj_weight[:, None] @ x).transpose(-1, -2)
     time_step, B, C = ssm.split([module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1)

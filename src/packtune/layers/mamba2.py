@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from packtune.layers.conv import varlen_causal_conv1d
-from packtune.layers.segments import Segments, segments_of
-from packtune.layers.ssm import mask_padding, own_forward_is_exact
+from packtune.layers.common import mask_padding, packed_segments
+from packtune.layers.segments import Segments
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,16 +141,16 @@ def _mamba2_forward(
     conv and the scan restarted at document starts. ``project``/``gate_out``: the per-class
     steps around them (input projection, gated norm)."""
     rows, length, _ = hidden_states.shape
-    seg = segments_of(kwargs, rows, length)
-    if own_forward_is_exact(seg, rows, cache):
+    seg = packed_segments(module, rows, length, cache, kwargs)
+    if seg is None:
         return type(module).forward(module, hidden_states, cache=cache, attention_mask=attention_mask, **kwargs)
     dtype = hidden_states.dtype
-    projected = project(module, mask_padding(hidden_states, attention_mask))
+    projected = project(module, mask_padding(module, hidden_states, attention_mask))
     state = module.n_groups * module.ssm_state_size
     gate, xbc, dt = projected.split([module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
     conv = module.conv1d
     xbc = varlen_causal_conv1d(xbc.transpose(1, 2), conv.weight.squeeze(1), conv.bias, seg, module.activation)
-    xbc = mask_padding(xbc.transpose(1, 2), attention_mask)
+    xbc = mask_padding(module, xbc.transpose(1, 2), attention_mask)
     x, B, C = xbc.split([module.intermediate_size, state, state], dim=-1)
     y = varlen_ssd_scan(
         x.reshape(rows, length, module.num_heads, module.head_dim),
